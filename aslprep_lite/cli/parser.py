@@ -1,0 +1,119 @@
+"""The BIDS-App command line: ``aslprep-lite BIDS_DIR OUTPUT_DIR {participant,group}``."""
+
+from __future__ import annotations
+
+import argparse
+
+from aslprep_lite import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser (its ``--help`` is the usage reference)."""
+    parser = argparse.ArgumentParser(
+        prog="aslprep-lite",
+        description=(
+            "aslprep_lite: arterial spin labeling MRI to calibrated cerebral blood flow "
+            "(mL/100 g/min). Reads a BIDS dataset (never writes to it) and writes a "
+            "BIDS-Derivatives dataset."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("bids_dir", help="the root of the input BIDS dataset (read only)")
+    parser.add_argument("output_dir", help="where the derivatives are written")
+    parser.add_argument(
+        "analysis_level",
+        choices=["participant", "group"],
+        help="'participant' processes each participant; 'group' has nothing to do yet",
+    )
+    parser.add_argument("--version", action="version", version=f"aslprep-lite {__version__}")
+
+    sel = parser.add_argument_group("selecting data")
+    sel.add_argument(
+        "--participant-label",
+        "--participant_label",
+        nargs="+",
+        metavar="LABEL",
+        help="participants to process, with or without 'sub-' (default: all)",
+    )
+    sel.add_argument(
+        "--session-label",
+        nargs="+",
+        metavar="LABEL",
+        help="sessions to process, with or without 'ses-' (default: all)",
+    )
+    sel.add_argument(
+        "--bids-filter-file",
+        metavar="FILE",
+        help='JSON of pybids entity filters for the ASL files, e.g. {"asl": {"run": 1}}',
+    )
+
+    proc = parser.add_argument_group("processing")
+    proc.add_argument(
+        "--m0-scale",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
+        help="multiply the M0 by this factor before calibration (vendor scaling)",
+    )
+    proc.add_argument(
+        "--smooth-kernel",
+        type=float,
+        default=5.0,
+        metavar="FWHM_MM",
+        help="FWHM (mm) of the Gaussian smoothing of M0 within the brain mask; 0 disables",
+    )
+    proc.add_argument(
+        "--dummy-scans",
+        type=int,
+        default=0,
+        metavar="N",
+        help="discard the first N volumes of each ASL series (non-steady state)",
+    )
+    proc.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the data and print the per-run plan as JSON; process nothing",
+    )
+
+    perf = parser.add_argument_group("performance and execution")
+    perf.add_argument(
+        "-w",
+        "--work-dir",
+        metavar="DIR",
+        help="nipype working directory; reuse it to resume (default: OUTPUT_DIR_work)",
+    )
+    perf.add_argument(
+        "--nprocs",
+        "--n-cpus",
+        type=int,
+        metavar="N",
+        help="processes nipype may run at once (default: all CPUs)",
+    )
+    perf.add_argument(
+        "--omp-nthreads",
+        type=int,
+        metavar="N",
+        help="threads a single process may use (default: --nprocs)",
+    )
+    perf.add_argument(
+        "--mem-gb",
+        type=float,
+        metavar="GB",
+        help="memory nipype may schedule against (default: all available)",
+    )
+    perf.add_argument(
+        "--stop-on-first-crash",
+        action="store_true",
+        help="stop at the first failing step instead of finishing the other runs",
+    )
+
+    log = parser.add_argument_group("messages")
+    log.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more messages; with -v errors also show their traceback",
+    )
+    log.add_argument("-q", "--quiet", action="count", default=0, help="fewer messages")
+    return parser

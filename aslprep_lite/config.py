@@ -1,0 +1,136 @@
+"""The one settings object of a run, built from the command line and checked once."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aslprep_lite.errors import AslprepError
+
+#: Fixed seed for every random choice (registration sampling): identical inputs give
+#: byte-identical outputs.
+RANDOM_SEED = 20240
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings for one invocation of aslprep-lite."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str = "participant"
+    work_dir: Path = field(default_factory=lambda: Path("work"))
+    participant_label: tuple[str, ...] = ()
+    session_label: tuple[str, ...] = ()
+    bids_filters: dict[str, Any] = field(default_factory=dict)
+    nprocs: int = 1
+    omp_nthreads: int = 1
+    mem_gb: float | None = None
+    m0_scale: float = 1.0
+    smooth_kernel: float = 5.0
+    dummy_scans: int = 0
+    dry_run: bool = False
+    stop_on_first_crash: bool = False
+    plugin: str = "MultiProc"
+    verbosity: int = 0
+    seed: int = RANDOM_SEED
+
+    def as_json(self) -> dict[str, Any]:
+        """The settings as JSON-friendly values (paths as strings)."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def build_settings(options: Any) -> Settings:
+    """Check the command-line options and turn them into :class:`Settings`.
+
+    Raises
+    ------
+    AslprepError
+        Missing input, an output directory inside the input dataset, unwritable outputs,
+        or out-of-range numbers.
+    """
+    bids_dir = Path(options.bids_dir).expanduser().resolve()
+    output_dir = Path(options.output_dir).expanduser().resolve()
+    if not bids_dir.is_dir():
+        raise AslprepError("input dataset directory does not exist", path=str(bids_dir))
+    if _inside(output_dir, bids_dir):
+        raise AslprepError(
+            "output directory is inside the input dataset, which must stay untouched: "
+            "choose a directory outside it",
+            path=str(output_dir),
+        )
+    work_dir = (
+        Path(options.work_dir).expanduser().resolve()
+        if options.work_dir
+        else output_dir.parent / f"{output_dir.name}_work"
+    )
+    if _inside(work_dir, bids_dir):
+        raise AslprepError(
+            "work directory is inside the input dataset: choose a directory outside it",
+            path=str(work_dir),
+        )
+    filters: dict[str, Any] = {}
+    if options.bids_filter_file:
+        try:
+            filters = json.loads(Path(options.bids_filter_file).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise AslprepError(
+                f"cannot read the BIDS filter file: {err}", path=str(options.bids_filter_file)
+            ) from None
+        if not isinstance(filters, dict):
+            raise AslprepError(
+                'must hold an object such as {"asl": {"acquisition": "x"}}',
+                path=str(options.bids_filter_file),
+            )
+    for name, value, low in (
+        ("--nprocs", options.nprocs, 1),
+        ("--omp-nthreads", options.omp_nthreads, 1),
+        ("--dummy-scans", options.dummy_scans, 0),
+    ):
+        if value is not None and value < low:
+            raise AslprepError(f"{name} must be >= {low}, not {value}")
+    if not options.m0_scale > 0:
+        raise AslprepError(f"--m0-scale must be > 0, not {options.m0_scale}")
+    if options.smooth_kernel < 0:
+        raise AslprepError(f"--smooth-kernel must be >= 0 mm, not {options.smooth_kernel}")
+    nprocs = options.nprocs or os.cpu_count() or 1
+    omp = min(options.omp_nthreads or nprocs, nprocs)
+    return Settings(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        analysis_level=options.analysis_level,
+        work_dir=work_dir,
+        participant_label=tuple(options.participant_label or ()),
+        session_label=tuple(options.session_label or ()),
+        bids_filters=filters,
+        nprocs=nprocs,
+        omp_nthreads=omp,
+        mem_gb=options.mem_gb,
+        m0_scale=options.m0_scale,
+        smooth_kernel=options.smooth_kernel,
+        dummy_scans=options.dummy_scans,
+        dry_run=options.dry_run,
+        stop_on_first_crash=options.stop_on_first_crash,
+        verbosity=options.verbose - options.quiet,
+    )
+
+
+def check_writable(directory: Path) -> None:
+    """Create ``directory`` if needed and prove it is writable, or raise a one-line error."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".aslprep_lite-probe-"):
+            pass
+    except OSError as err:
+        raise AslprepError(
+            f"not writable ({err.strerror}): choose another directory or fix its permissions",
+            path=str(directory),
+        ) from None

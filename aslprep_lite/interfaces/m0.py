@@ -1,0 +1,144 @@
+"""The calibration M0: source by M0Type, alignment, TR correction, scaling, mask, smoothing."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from aslprep_lite.errors import AslprepError
+from aslprep_lite.images import load_image, save_image
+from aslprep_lite.quant import constants
+from aslprep_lite.quant.m0 import brain_mask, smooth_within_mask, tr_correction_factor
+from aslprep_lite.registration import register_rigid, resample_to
+
+
+class _PrepareM0InputSpec(BaseInterfaceInputSpec):
+    plan = traits.Dict(mandatory=True, desc="RunPlan.as_dict() of the run")
+    in_file = File(exists=True, mandatory=True, desc="motion-corrected ASL series")
+    reference_file = File(exists=True, mandatory=True, desc="ASL reference image")
+    m0_scale = traits.Float(1.0, usedefault=True, desc="multiplies the M0")
+    fwhm = traits.Float(5.0, usedefault=True, desc="smoothing FWHM (mm)")
+    seed = traits.Int(mandatory=True, desc="registration sampling seed")
+    n_threads = traits.Int(1, usedefault=True)
+
+
+class _PrepareM0OutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="calibration M0 on the ASL grid")
+    mask_file = File(exists=True, desc="brain mask on the ASL grid")
+    metadata = traits.Dict(desc="how the M0 was made, for the sidecars")
+
+
+def _volumes(series: np.ndarray, context: list[str], kind: str) -> np.ndarray:
+    idx = [i for i, k in enumerate(context) if k == kind]
+    return series[..., idx].mean(axis=3)
+
+
+class PrepareM0(SimpleInterface):
+    """Build the M0 image CBF is calibrated with (Alsop et al. 2015)."""
+
+    input_spec = _PrepareM0InputSpec
+    output_spec = _PrepareM0OutputSpec
+
+    def _run_interface(self, runtime):
+        plan = self.inputs.plan
+        series, img = load_image(self.inputs.in_file)
+        reference, _ = load_image(self.inputs.reference_file)
+        zooms = img.header.get_zooms()[:3]
+        context = plan["context"]
+        m0_type = plan["m0_type"]
+        meta: dict = {"M0Type": m0_type}
+
+        if m0_type == "Separate":
+            m0_raw, m0_img = load_image(plan["m0_file"], what="M0")
+            if m0_raw.ndim == 4:
+                m0_raw = m0_raw.mean(axis=3)
+            _check_m0(m0_raw, plan["m0_file"])
+            if "control" in context or "label" in context:
+                matrix = register_rigid(
+                    reference,
+                    img.affine,
+                    m0_raw,
+                    m0_img.affine,
+                    metric="mi",
+                    seed=self.inputs.seed,
+                    n_threads=self.inputs.n_threads,
+                )
+                meta["Registration"] = (
+                    "rigid to the ASL reference (SimpleITK, Mattes mutual information), "
+                    "one linear resampling onto the ASL grid"
+                )
+            else:
+                matrix = np.eye(4)
+                meta["Registration"] = (
+                    "none (no control/label anatomy to register to): resampled onto the "
+                    "ASL grid through the image headers"
+                )
+            m0 = resample_to(m0_raw, m0_img.affine, matrix, img.shape[:3], img.affine)
+            meta["Source"] = plan["source_files"][-1]
+        elif m0_type == "Included":
+            m0 = _volumes(series, context, "m0scan")
+            _check_m0(m0, plan["asl_file"])
+            meta["Source"] = "m0scan volumes of the motion-corrected ASL series"
+        elif m0_type == "Absent":
+            m0 = _volumes(series, context, "control")
+            meta["Source"] = "mean control image (no background suppression)"
+        else:
+            m0 = None
+            meta["Source"] = "M0Estimate (sidecar)"
+
+        if m0 is not None:
+            mask = brain_mask(m0, zooms)
+            tissue_t1 = constants.tissue_t1(plan["field_strength"])
+            threshold = constants.scalar("m0_tr_threshold")
+            factor = tr_correction_factor(
+                plan["m0_repetition_time"], tissue_t1.value, threshold.value
+            )
+            meta["RepetitionTimePreparation"] = plan["m0_repetition_time"]
+            meta["TRCorrectionFactor"] = factor
+            if factor != 1.0:
+                meta["TissueT1"] = tissue_t1.as_json()
+            m0 = m0 * factor
+        else:
+            base = _volumes(series, context, "control") if "control" in context else reference
+            mask = brain_mask(base, zooms)
+            m0 = np.full(series.shape[:3], plan["m0_estimate"], dtype=np.float64)
+            meta["M0Estimate"] = plan["m0_estimate"]
+        if not mask.any():
+            raise AslprepError(
+                "no brain found in the M0/reference image (empty mask)", path=plan["asl_file"]
+            )
+        m0 = m0 * self.inputs.m0_scale
+        m0 = smooth_within_mask(m0, mask, zooms, self.inputs.fwhm)
+        meta["M0Scale"] = self.inputs.m0_scale
+        meta["SmoothingFWHM"] = {"Value": self.inputs.fwhm, "Units": "mm"}
+        meta["SmoothingMethod"] = "Gaussian, normalized within the brain mask"
+        meta["BrainMask"] = (
+            "Otsu threshold of the "
+            + ("M0" if m0_type in ("Separate", "Included", "Absent") else "mean control")
+            + " smoothed at 3 mm FWHM, largest component, holes filled"
+        )
+
+        self._results["out_file"] = save_image(
+            m0, img, os.path.join(runtime.cwd, "m0.nii"), dtype=np.float32
+        )
+        self._results["mask_file"] = save_image(
+            mask, img, os.path.join(runtime.cwd, "mask.nii"), dtype=np.uint8
+        )
+        self._results["metadata"] = meta
+        return runtime
+
+
+def _check_m0(m0: np.ndarray, path: str) -> None:
+    """An M0 with no finite positive signal would give infinite or zero CBF."""
+    if not np.isfinite(m0).all():
+        raise AslprepError("M0 contains NaN or infinite values: re-export it", path=path)
+    if not float(m0.max()) > 0:
+        raise AslprepError("M0 has no positive signal (all zeros?): check the file", path=path)

@@ -1,0 +1,58 @@
+"""Loading the ASL series: integrity checks and dummy-scan removal."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from aslprep_lite.errors import AslprepError
+from aslprep_lite.images import load_image, save_image
+
+LOGGER = logging.getLogger("aslprep_lite")
+
+
+class _LoadAslSeriesInputSpec(BaseInterfaceInputSpec):
+    plan = traits.Dict(mandatory=True, desc="RunPlan.as_dict() of the run")
+
+
+class _LoadAslSeriesOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="float32 series without dummy scans")
+
+
+class LoadAslSeries(SimpleInterface):
+    """Read the ASL series once, check it, drop the dummy scans."""
+
+    input_spec = _LoadAslSeriesInputSpec
+    output_spec = _LoadAslSeriesOutputSpec
+
+    def _run_interface(self, runtime):
+        plan = self.inputs.plan
+        path = plan["asl_file"]
+        data, img = load_image(path, what="ASL series")
+        if data.ndim != 4 or data.shape[3] != plan["n_source_volumes"]:
+            raise AslprepError(
+                f"has shape {data.shape}; expected {plan['n_source_volumes']} volumes",
+                path=path,
+            )
+        data = data[..., plan["dummy_scans"] :]
+        finite = np.isfinite(data)
+        if not finite.any():
+            raise AslprepError("contains no finite values (all NaN/inf)", path=path)
+        if not finite.all():
+            LOGGER.warning("%s: %d non-finite voxel values set to 0", path, int((~finite).sum()))
+            data = np.where(finite, data, 0.0).astype(np.float32)
+        if float(data.max()) == float(data.min()):
+            raise AslprepError("is constant: it holds no image", path=path)
+        self._results["out_file"] = save_image(
+            data, img, os.path.join(runtime.cwd, "asl_series.nii")
+        )
+        return runtime
