@@ -110,7 +110,12 @@ class RunPlan:
     def outputs(self) -> list[str]:
         """Derivative files this run writes, relative to the output directory."""
         base = os.path.join(self.out_dir, self.prefix)
-        return [f"{base}_{suffix}" for suffix in OUTPUT_SUFFIXES]
+        has_deltam = any(kind in ("control", "deltam") for kind in self.context)
+        return [
+            f"{base}_{suffix}"
+            for suffix in OUTPUT_SUFFIXES
+            if has_deltam or "deltam" not in suffix
+        ]
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-serialisable record (the node input and the ``--dry-run`` plan)."""

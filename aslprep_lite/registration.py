@@ -14,27 +14,35 @@ needs (for each output voxel, where to read in the moving image). See
 
 Settings
 --------
-The optimiser settings were measured on 80-volume synthetic ASL series (64x64x24 at
-3.5x3.5x5 mm, known motion): centred ``Euler3DTransform``, correlation metric (Mattes mutual
-information with 32 bins across contrasts), 20 % REGULAR sampling with a fixed seed, fixed mask
-= Otsu of the smoothed fixed image dilated by 2 voxels, regular-step gradient descent (learning
-rate 1, min step 1e-3, 100 iterations, relaxation 0.5), scales from physical shift, two levels
-(shrink 2, 1; smoothing 1, 0 voxels). That gave ~0.06 mm mean error within volumes and ~0.26 mm
-for a cross-contrast M0, in ~9 s for 80 volumes on 2 cores.
+Measured on synthetic 80-volume ASL series (64x64x24 at 3.5x3.5x5 mm, known motion):
+centred ``Euler3DTransform``; correlation metric (Mattes mutual information, 32 bins, across
+contrasts); 20 % REGULAR sampling with a fixed seed; fixed mask = Otsu of the smoothed
+(sigma 2 voxels) fixed image dilated by 2 voxels; regular-step gradient descent (learning rate
+1, relaxation 0.5) with scales from physical shift; two levels (shrink 2, 1; smoothing 1, 0
+voxels); each volume starts from the previous volume's solution. The stopping rule is tighter
+than the 1e-3 / 100 iterations first measured (see :func:`_register`): min step 1e-4, 200
+iterations, no gradient-magnitude stop. On an 81-volume phantom series that gives 0.09 mm mean
+displacement error (max 0.22 mm), 0.3 mm for the cross-contrast M0, in ~8 s on one thread.
 
-Determinism: the sampler is seeded, and ITK splits the metric over a fixed number of work units
-for a given thread count, so a fixed ``n_threads`` gives identical results run to run. The
-default is one thread: at these image sizes a second thread saves little, and results then do
-not depend on the machine's core count.
+Determinism
+-----------
+The metric sampler is seeded. ITK results also depend on the thread count, and with more than
+one thread Mattes mutual information differs run to run (~1e-13 in the matrices, enough to
+break byte-identical outputs), so every public function runs ITK under a temporary *global*
+thread count of ``n_threads``. The default, 1, gives byte-identical results run to run whatever
+the machine's core count; a second thread saves only ~15 % at these image sizes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+
+from aslprep_lite.quant.motion import image_center, matrix_to_parameters, parameters_to_matrix
 
 __all__ = [
     "MotionEstimate",
@@ -64,8 +72,8 @@ _PERFUSION_PAIR = frozenset({"control", "label"})
 
 _FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS, its own inverse
 _SEED = 20240
+_SE_MAX = 0.05
 _METRICS = ("mi", "correlation")
-_OPT = {"lr": 1.0, "min_step": 1e-4, "iterations": 200, "relax": 0.5, "gtol": 1e-8}
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,7 +91,9 @@ class MotionEstimate:
         Volume type the reference was built from: ``control``, ``label``, ``m0scan``,
         ``noRF``, or ``all`` (mean of every volume, registration skipped and no M0).
     registered : tuple of bool
-        Per volume, whether a transform was estimated (``False`` means identity).
+        Per volume, whether its transform was estimated. ``False`` for deltam/cbf/n/a volumes
+        and skipped series (identity matrix) and for a volume whose registration failed
+        (identity within its type; the note lists them).
     note : str
         One-line human-readable summary (what was registered, or why it was skipped).
     """
@@ -154,15 +164,8 @@ def _centred_euler(image: sitk.Image) -> sitk.Euler3DTransform:
     return transform
 
 
-def _resampler(
-    shape: Sequence[int], affine: np.ndarray, n_threads: int
-) -> sitk.ResampleImageFilter:
-    """Linear resampler onto a grid, filling out-of-field points with the nearest edge value.
-
-    Nearest-edge (not zero) keeps the first and last slices intact after sub-voxel motion:
-    with a constant fill, any through-plane shift or even round-off at the slab boundary
-    blanks whole edge slices, which then corrupts their CBF.
-    """
+def _resampler(shape: Sequence[int], affine: np.ndarray) -> sitk.ResampleImageFilter:
+    """Trilinear resampler onto a grid (nearest-pixel extrapolation beyond any edge padding)."""
     spacing, direction, origin = _grid_geometry(affine)
     resampler = sitk.ResampleImageFilter()
     resampler.SetSize([int(n) for n in shape[:3]])
@@ -172,14 +175,56 @@ def _resampler(
     resampler.SetOutputPixelType(sitk.sitkFloat32)
     resampler.SetInterpolator(sitk.sitkLinear)
     resampler.SetUseNearestNeighborExtrapolator(True)
-    resampler.SetNumberOfThreads(n_threads)
     return resampler
+
+
+def _edge_padding(
+    shape: Sequence[int],
+    affine: np.ndarray,
+    ref_shape: Sequence[int],
+    ref_affine: np.ndarray,
+    matrices: np.ndarray,
+) -> np.ndarray:
+    """Voxels of edge replication each side of ``shape`` so every sample lands in the array.
+
+    Out-of-field samples take the nearest edge value, in the sense of ``scipy.ndimage``'s
+    ``mode="nearest"``: the coordinate is clamped along the axes where it is outside, and the
+    other axes are still interpolated. A constant (zero) fill would blank the first and last
+    slices after any through-plane motion, corrupting their CBF; ITK's own nearest-neighbour
+    extrapolator would drop the in-plane interpolation on those slices. Replicating the edge
+    before a linear resampling gives exactly the clamped behaviour. The map is affine, so the
+    grid corners bound the sampled region. Padding is capped at one array length per side
+    (beyond that, gross misregistration, ITK's nearest-pixel extrapolation takes over).
+
+    Returns
+    -------
+    ndarray, shape (3, 2), int
+        ``(before, after)`` padding per axis.
+    """
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in ref_shape[:3]], indexing="ij"))
+    corners = corners.reshape(3, -1).T.astype(float)
+    world = corners @ ref_affine[:3, :3].T + ref_affine[:3, 3]
+    to_voxels = np.linalg.inv(np.asarray(affine, dtype=float)) @ matrices
+    ijk = np.einsum("tij,cj->tci", to_voxels[:, :3, :3], world) + to_voxels[:, None, :3, 3]
+    last = np.asarray(shape[:3], dtype=float) - 1.0
+    before = np.ceil(np.clip(-ijk.min(axis=(0, 1)), 0.0, last + 1.0))
+    after = np.ceil(np.clip(ijk.max(axis=(0, 1)) - last, 0.0, last + 1.0))
+    return np.stack([before, after], axis=1).astype(int)
+
+
+def _to_sitk_padded(volume: np.ndarray, affine: np.ndarray, padding: np.ndarray) -> sitk.Image:
+    """:func:`_to_sitk` of the edge-replicated volume, on the correspondingly grown grid."""
+    if not padding.any():
+        return _to_sitk(volume, affine)
+    grown = np.array(affine, dtype=float)
+    grown[:3, 3] -= grown[:3, :3] @ padding[:, 0]  # index 0 moves ``before`` voxels outwards
+    return _to_sitk(np.pad(volume, [tuple(p) for p in padding], mode="edge"), grown)
 
 
 # --------------------------------------------------------------------------------------------
 # registration core
 # --------------------------------------------------------------------------------------------
-def _foreground_mask(image: sitk.Image, n_threads: int) -> sitk.Image | None:
+def _foreground_mask(image: sitk.Image) -> sitk.Image | None:
     """Otsu foreground of the smoothed image, dilated 2 voxels; ``None`` if degenerate.
 
     Restricting the metric to the head stops the (motionless) background noise from pulling
@@ -189,15 +234,12 @@ def _foreground_mask(image: sitk.Image, n_threads: int) -> sitk.Image | None:
     smooth = sitk.DiscreteGaussianImageFilter()
     smooth.SetVariance(4.0)  # sigma 2 voxels
     smooth.SetUseImageSpacing(False)
-    smooth.SetNumberOfThreads(n_threads)
     otsu = sitk.OtsuThresholdImageFilter()
     otsu.SetInsideValue(0)  # ITK's "inside" is below the threshold: make that background
     otsu.SetOutsideValue(1)
-    otsu.SetNumberOfThreads(n_threads)
     dilate = sitk.BinaryDilateImageFilter()
     dilate.SetKernelRadius(2)
     dilate.SetForegroundValue(1)
-    dilate.SetNumberOfThreads(n_threads)
     try:
         mask = dilate.Execute(otsu.Execute(smooth.Execute(image)))
     except RuntimeError:  # e.g. a constant image has no Otsu threshold
@@ -215,7 +257,6 @@ def _register(
     metric: str,
     initial: sitk.Euler3DTransform,
     seed: int,
-    n_threads: int,
 ) -> sitk.Euler3DTransform:
     """Rigidly register ``moving`` to ``fixed``; returns a new Euler transform (fixed->moving)."""
     method = sitk.ImageRegistrationMethod()
@@ -230,12 +271,18 @@ def _register(
     if mask is not None:
         method.SetMetricFixedMask(mask)
     method.SetInterpolator(sitk.sitkLinear)
+    # Convergence is decided by the step length alone. ITK's default gradient-magnitude
+    # tolerance (1e-4) is meaningless for the correlation metric, whose gradient is tiny when
+    # images already nearly match: it stopped runs after ~10 iterations while the optimiser
+    # was still oscillating. Min step 1e-4 (not 1e-3) and 200 iterations let the step halve
+    # enough times to settle in weakly constrained directions (in-plane rotation of a round
+    # head): on a smooth phantom the mean error fell from 0.23 to 0.05 mm, for ~1.5x the time.
     method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=_OPT["lr"],
-        minStep=_OPT["min_step"],
-        numberOfIterations=_OPT["iterations"],
-        relaxationFactor=_OPT["relax"],
-        gradientMagnitudeTolerance=_OPT["gtol"],
+        learningRate=1.0,
+        minStep=1e-4,
+        numberOfIterations=200,
+        relaxationFactor=0.5,
+        gradientMagnitudeTolerance=1e-12,
     )
     # Puts one radian and one millimetre on the same footing (the shift each causes in voxels).
     method.SetOptimizerScalesFromPhysicalShift()
@@ -244,9 +291,27 @@ def _register(
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     transform = sitk.Euler3DTransform(initial)  # copy: the caller keeps its starting point
     method.SetInitialTransform(transform, inPlace=True)
-    method.SetNumberOfThreads(n_threads)
     method.Execute(fixed, moving)
     return transform
+
+
+@contextmanager
+def _itk_threads(n_threads: int) -> Iterator[None]:
+    """Run ITK with ``n_threads`` threads, restoring the global default afterwards.
+
+    Setting the count on each filter is not enough: the registration's internal pyramid and
+    metric use the *global* default, and results depend on it (and, for Mattes mutual
+    information, vary run to run when it is above 1). Not safe if other Python threads use
+    SimpleITK at the same time.
+    """
+    if int(n_threads) < 1:
+        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(n_threads))
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
 
 
 def _check_metric(metric: str) -> str:
@@ -296,10 +361,9 @@ def register_rigid(
     metric = _check_metric(metric)
     fixed_img = _to_sitk(np.nan_to_num(np.asarray(fixed, dtype=np.float32)), fixed_affine)
     moving_img = _to_sitk(np.nan_to_num(np.asarray(moving, dtype=np.float32)), moving_affine)
-    mask = _foreground_mask(fixed_img, n_threads)
-    transform = _register(
-        fixed_img, moving_img, mask, metric, _centred_euler(fixed_img), seed, n_threads
-    )
+    with _itk_threads(n_threads):
+        mask = _foreground_mask(fixed_img)
+        transform = _register(fixed_img, moving_img, mask, metric, _centred_euler(fixed_img), seed)
     return _euler_to_ras(transform)
 
 
@@ -332,10 +396,13 @@ def resample_to(
         Trilinear interpolation; points outside ``moving``'s field take the nearest edge value
         (no zero-filled border, so no division by zero when the result is an M0).
     """
-    image = _to_sitk(np.asarray(moving, dtype=np.float32), moving_affine)
-    resampler = _resampler(ref_shape, ref_affine, 1)
+    moving = np.asarray(moving, dtype=np.float32)
+    matrix = np.asarray(matrix, dtype=float)
+    padding = _edge_padding(moving.shape, moving_affine, ref_shape, ref_affine, matrix[None])
+    resampler = _resampler(ref_shape, ref_affine)
     resampler.SetTransform(_ras_to_itk(matrix))
-    return _from_sitk(resampler.Execute(image))
+    with _itk_threads(1):  # a single volume: a second thread would not pay for itself
+        return _from_sitk(resampler.Execute(_to_sitk_padded(moving, moving_affine, padding)))
 
 
 def resample_series(
@@ -369,15 +436,18 @@ def resample_series(
         raise ValueError(
             f"expected matrices of shape ({data.shape[3]}, 4, 4), got {matrices.shape}"
         )
-    out = np.empty(data.shape, dtype=np.float32)
-    resampler = _resampler(data.shape, affine, n_threads)
-    identity = np.eye(4)
-    for index in range(data.shape[3]):
-        if np.array_equal(matrices[index], identity):
-            out[..., index] = data[..., index]
-            continue
-        resampler.SetTransform(_ras_to_itk(matrices[index]))
-        out[..., index] = _from_sitk(resampler.Execute(_to_sitk(data[..., index], affine)))
+    # Exact identities are copied, so uncorrected volumes stay bit-for-bit the input.
+    moved = [t for t in range(data.shape[3]) if not np.array_equal(matrices[t], np.eye(4))]
+    out = data.astype(np.float32, copy=True)
+    if not moved:
+        return out
+    padding = _edge_padding(data.shape, affine, data.shape, affine, matrices[moved])
+    resampler = _resampler(data.shape, affine)
+    with _itk_threads(n_threads):
+        for index in moved:
+            resampler.SetTransform(_ras_to_itk(matrices[index]))
+            image = _to_sitk_padded(data[..., index], affine, padding)
+            out[..., index] = _from_sitk(resampler.Execute(image))
     return out
 
 
@@ -448,8 +518,6 @@ def estimate_motion(
     indices = {
         kind: [i for i, t in enumerate(types) if t == kind] for kind in _VOLUME_TYPES.values()
     }
-    matrices = np.tile(np.eye(4), (n_volumes, 1, 1))
-
     n_perfusion = len(indices["control"]) + len(indices["label"])
     if n_perfusion < 2:
         if indices["m0scan"]:
@@ -457,7 +525,7 @@ def estimate_motion(
         else:
             ref_type, ref_idx = "all", list(range(n_volumes))
         return MotionEstimate(
-            matrices=matrices,
+            matrices=np.tile(np.eye(4), (n_volumes, 1, 1)),
             reference=data[..., ref_idx].mean(axis=3, dtype=np.float64).astype(np.float32),
             reference_type=ref_type,
             registered=(False,) * n_volumes,
@@ -470,14 +538,52 @@ def estimate_motion(
     ref_type = next(kind for kind in _REFERENCE_ORDER if indices[kind])
     # Reference type first: its mean is the fixed image every other type's mean aligns to.
     kinds = sorted((k for k in _REGISTERABLE if indices[k]), key=lambda k: k != ref_type)
-    registered = [False] * n_volumes
-    failed: list[int] = []
+    with _itk_threads(n_threads):
+        matrices, registered, between = _register_by_type(
+            data, affine, [(kind, indices[kind]) for kind in kinds], seed
+        )
+    ref_idx = indices[ref_type]
+    corrected = resample_series(data[..., ref_idx], affine, matrices[ref_idx], n_threads)
+
+    counts = ", ".join(f"{len(indices[k])} {k}" for k in kinds)
+    note = f"rigid motion estimated per volume type ({counts}) against the {ref_type} mean"
+    if between:
+        note += "; " + "; ".join(between)
+    skipped = [f"{len(indices[k])} {k}" for k in ("deltam", "cbf", "n/a") if indices[k]]
+    if skipped:
+        note += "; not registered (identity): " + ", ".join(skipped)
+    failed = [i for kind in kinds for i in indices[kind] if not registered[i]]
+    if failed:
+        note += f"; registration failed for volume(s) {failed}"
+    return MotionEstimate(
+        matrices=matrices,
+        reference=corrected.mean(axis=3, dtype=np.float64).astype(np.float32),
+        reference_type=ref_type,
+        registered=tuple(registered),
+        note=note,
+    )
+
+
+def _register_by_type(
+    data: np.ndarray,
+    affine: np.ndarray,
+    groups: list[tuple[str, list[int]]],
+    seed: int,
+) -> tuple[np.ndarray, list[bool], list[str]]:
+    """Two-stage registration; ``groups[0]`` is the reference type.
+
+    Returns the (T, 4, 4) matrices, a per-volume success flag and a description of each
+    between-type registration.
+    """
+    matrices = np.tile(np.eye(4), (data.shape[3], 1, 1))
+    registered = [False] * data.shape[3]
     between: list[str] = []
+    ref_type, ref_idx = groups[0]
+    center = image_center(data.shape, affine)
     reference_img = reference_mask = None
-    for kind in kinds:
-        idx = indices[kind]
+    for kind, idx in groups:
         mean_img = _to_sitk(data[..., idx].mean(axis=3, dtype=np.float64), affine)
-        mean_mask = _foreground_mask(mean_img, n_threads)
+        mean_mask = _foreground_mask(mean_img)
         if kind == ref_type:
             reference_img, reference_mask = mean_img, mean_mask
 
@@ -491,7 +597,7 @@ def estimate_motion(
                 moving = _to_sitk(data[..., index], affine)
                 try:
                     previous = _register(
-                        mean_img, moving, mean_mask, "correlation", previous, seed, n_threads
+                        mean_img, moving, mean_mask, "correlation", previous, seed
                     )
                 except RuntimeError:  # e.g. a blank volume leaves no valid metric samples
                     ok[j] = False
@@ -501,44 +607,112 @@ def estimate_motion(
         # Between types: reference mean -> this type's mean (identity for the reference type).
         to_type = np.eye(4)
         if kind != ref_type:
-            metric = "correlation" if {kind, ref_type} <= _PERFUSION_PAIR else "mi"
-            between.append(f"{kind} mean to {ref_type} mean by {metric}")
-            try:
-                fitted = _register(
-                    reference_img,
-                    mean_img,
-                    reference_mask,
-                    metric,
-                    _centred_euler(reference_img),
-                    seed,
-                    n_threads,
+            interleaved = None
+            if {kind, ref_type} <= _PERFUSION_PAIR:
+                good = [t for t in ref_idx if registered[t]]
+                valid = [j for j in range(len(idx)) if ok[j]]
+                interleaved = _interleaved_offset(
+                    within[valid], [idx[j] for j in valid], matrices[good], good, center
                 )
-                to_type = _euler_to_ras(fitted)
-            except RuntimeError:
-                ok = [False] * len(idx)
+            if interleaved is not None and interleaved[2] > _SE_MAX:
+                interleaved = None
+            if interleaved is not None:
+                to_type, count, _ = interleaved
+                between.append(
+                    f"{kind} mean to {ref_type} mean from the interleaved {ref_type} motion "
+                    f"(median of {count} {kind} volumes)"
+                )
+            else:
+                metric = "correlation" if {kind, ref_type} <= _PERFUSION_PAIR else "mi"
+                between.append(f"{kind} mean to {ref_type} mean by {metric}")
+                start = _centred_euler(reference_img)
+                try:
+                    fitted = _register(
+                        reference_img, mean_img, reference_mask, metric, start, seed
+                    )
+                    to_type = _euler_to_ras(fitted)
+                except RuntimeError:
+                    ok = [False] * len(idx)
 
         # Compose: reference world -> type-mean world -> volume world.
         matrices[idx] = within @ to_type
         for j, index in enumerate(idx):
             registered[index] = ok[j]
-            if not ok[j]:
-                failed.append(index)
+    return matrices, registered, between
 
-    ref_idx = indices[ref_type]
-    corrected = resample_series(data[..., ref_idx], affine, matrices[ref_idx], n_threads)
-    counts = ", ".join(f"{len(indices[k])} {k}" for k in kinds)
-    note = f"rigid motion estimated per volume type ({counts}) against the {ref_type} mean"
-    if between:
-        note += "; " + "; ".join(between)
-    skipped = [f"{len(indices[k])} {k}" for k in ("deltam", "cbf", "n/a") if indices[k]]
-    if skipped:
-        note += "; not registered (identity): " + ", ".join(skipped)
-    if failed:
-        note += f"; registration failed for volume(s) {sorted(failed)}"
-    return MotionEstimate(
-        matrices=matrices,
-        reference=corrected.mean(axis=3, dtype=np.float64).astype(np.float32),
-        reference_type=ref_type,
-        registered=tuple(registered),
-        note=note,
+
+def _interleaved_offset(
+    within: np.ndarray,
+    idx: Sequence[int],
+    ref_matrices: np.ndarray,
+    ref_idx: Sequence[int],
+    center: np.ndarray,
+    *,
+    max_gap: int = 2,
+    min_count: int = 3,
+) -> tuple[np.ndarray, int] | None:
+    """Reference-mean -> type-mean transform implied by temporally interleaved volumes.
+
+    Registering the label mean to the control mean is biased by the perfusion signal itself
+    (label = control - deltaM, and deltaM sits in grey matter along the brain edge, where the
+    metric gradient is): on motionless synthetic data it shifted every label by ~0.05 mm in
+    the same direction, which the subtraction turns into a 4-5 % grey-matter CBF bias. The
+    within-type transforms have no such bias, and head pose changes little between
+    neighbouring volumes, so a label volume's pose is predicted by linear interpolation
+    between the poses of the reference-type volumes just before and after it. Each label
+    then gives one estimate of the offset between the two type means; their median (robust
+    to motion spikes) is used. That brought the bias under 0.7 % on the same data.
+
+    Parameters
+    ----------
+    within : ndarray, shape (N, 4, 4)
+        Type-mean world -> volume world transforms of the type's volumes.
+    idx : sequence of int
+        Series positions of those volumes.
+    ref_matrices : ndarray, shape (M, 4, 4)
+        Final (reference world -> volume world) transforms of the reference-type volumes.
+    ref_idx : sequence of int
+        Their series positions, ascending.
+    center : ndarray, shape (3,)
+        Rotation centre for the parameter median (the image centre).
+    max_gap : int
+        Neighbours must be at most this many volumes away on each side.
+    min_count : int
+        Fewer usable volumes than this (e.g. blocked, not interleaved, acquisition): ``None``.
+
+    Returns
+    -------
+    (ndarray, int) or None
+        The (4, 4) offset and the number of volumes it was estimated from.
+    """
+    ref_idx = np.asarray(ref_idx, dtype=int)
+    idx = np.asarray(idx, dtype=int)
+    if len(ref_idx) < 2 or len(idx) == 0:
+        return None
+    after = np.searchsorted(ref_idx, idx)
+    usable = (after > 0) & (after < len(ref_idx))
+    after = np.where(usable, after, 1)
+    gap_before = idx - ref_idx[after - 1]
+    gap_after = ref_idx[np.minimum(after, len(ref_idx) - 1)] - idx
+    usable &= (gap_before <= max_gap) & (gap_after <= max_gap)
+    if usable.sum() < min_count:
+        return None
+    after = after[usable]
+    weight = (gap_before[usable] / (gap_before[usable] + gap_after[usable]))[:, None]
+    ref_params = matrix_to_parameters(ref_matrices, center)
+    predicted = parameters_to_matrix(
+        (1.0 - weight) * ref_params[after - 1] + weight * ref_params[after], center
     )
+    # predicted = within @ offset  =>  offset = inv(within) @ predicted, one per volume.
+    offsets = np.linalg.inv(within[usable]) @ predicted
+    median = parameters_to_matrix(
+        np.median(matrix_to_parameters(offsets, center), axis=0), center
+    )[0]
+    # Spread of the per-volume offsets -> standard error of their median (normal errors:
+    # 1.2533 * sd / sqrt(n)), as an RMS displacement over a 50 mm sphere about the centre.
+    rel = offsets @ np.linalg.inv(median)
+    a = rel[:, :3, :3] - np.eye(3)
+    shift = rel[:, :3, 3] + a @ center
+    msd = (50.0**2 / 5.0) * np.einsum("nij,nij->n", a, a) + np.einsum("ni,ni->n", shift, shift)
+    se = 1.2533 * np.sqrt(msd.mean() / len(msd))
+    return median, int(usable.sum()), float(se)

@@ -37,7 +37,8 @@ whole-brain value), so that the pipeline can recover ``truth.cbf`` everywhere.
 
 Volumes::
 
-    control = c M0_asl + noise          c = 0.9, or 0.1 with background suppression
+    control = c M0_asl + noise          c = 1 (an unsuppressed control is the saturation-
+                                        recovered M0), or 0.1 with background suppression
     label   = control - dM + noise      (independent noise)
     deltam  = dM + noise * sqrt(2)      (deltam_only: the difference of two noisy images)
     m0scan  = M0 (1 - exp(-m0_tr / T1gm)) if m0_tr < 5 s else M0, + noise
@@ -86,7 +87,7 @@ _SLICE_DURATION = 0.045  # s per slice, ascending
 _Q2TIPS_LAST_PULSE = 0.6  # s after TI1, second BolusCutOffDelayTime value for Q2TIPS
 
 _M0_TISSUE = {"gm": 1000.0, "wm": 800.0, "csf": 1400.0, "scalp": 300.0}
-_CONTROL_FRACTION = {False: 0.9, True: 0.1}  # without / with background suppression
+_CONTROL_FRACTION = {False: 1.0, True: 0.1}  # without / with background suppression
 _GM_THICKNESS = 2.5  # voxels; thick enough that the shell keeps >= 90 % GM voxels after smoothing
 _PV_SIGMA = 0.7  # voxels
 _SUPERSAMPLE = 3

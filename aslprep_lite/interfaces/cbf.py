@@ -80,10 +80,10 @@ def quantification_parameters(plan: dict[str, Any]) -> dict[str, Any]:
         "LabelingEfficiency": alpha.as_json(),
         "UnitConversion": constants.scalar("unit_conversion").as_json(),
     }
-    sources = {e["Source"].split(" ")[0] for e in params.values() if isinstance(e, dict)} | {
-        "Alsop2015"
+    cited = " ".join(entry["Source"] for entry in params.values()) + " Alsop2015"
+    params["References"] = {
+        key: text for key, text in sorted(constants.table()["references"].items()) if key in cited
     }
-    params["References"] = {key: constants.reference(key) for key in sorted(sources)}
     return params
 
 

@@ -54,6 +54,7 @@ class _ConfoundsInputSpec(BaseInterfaceInputSpec):
     transforms_file = File(exists=True, mandatory=True)
     reference_file = File(exists=True, mandatory=True)
     note = traits.Str(mandatory=True, desc="head-motion correction summary")
+    skipped = traits.Bool(mandatory=True, desc="no volume was registered")
 
 
 class _ConfoundsOutputSpec(TraitedSpec):
@@ -70,7 +71,7 @@ class MotionConfounds(SimpleInterface):
     def _run_interface(self, runtime):
         matrices = np.load(self.inputs.transforms_file)
         reference = nb.load(self.inputs.reference_file)
-        if self.inputs.note.startswith("skipped"):
+        if self.inputs.skipped:
             values = np.full((matrices.shape[0], len(COLUMNS)), np.nan)
         else:
             center = image_center(reference.shape, reference.affine)

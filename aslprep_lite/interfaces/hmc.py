@@ -28,6 +28,7 @@ class _EstimateOutputSpec(TraitedSpec):
     transforms_file = File(exists=True, desc="(T, 4, 4) RAS reference-to-volume matrices, .npy")
     reference_file = File(exists=True, desc="motion-corrected reference image")
     note = traits.Str(desc="what was registered, or why not")
+    skipped = traits.Bool(desc="no volume was registered")
 
 
 class EstimateHeadMotion(SimpleInterface):
@@ -52,6 +53,7 @@ class EstimateHeadMotion(SimpleInterface):
             estimate.reference, img, os.path.join(runtime.cwd, "reference.nii")
         )
         self._results["note"] = estimate.note
+        self._results["skipped"] = not any(estimate.registered)
         return runtime
 
 

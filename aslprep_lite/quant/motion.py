@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "PARAMETER_NAMES",
     "framewise_displacement",
     "image_center",
     "matrix_to_parameters",
@@ -25,6 +26,7 @@ __all__ = [
     "rms_deviation",
 ]
 
+#: Column names of :func:`matrix_to_parameters` (BIDS/fMRIPrep confounds spelling).
 PARAMETER_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 
 

@@ -95,6 +95,7 @@ def init_asl_wf(plan: RunPlan, settings: Settings):
             ("outputnode.transforms", "inputnode.transforms"),
             ("outputnode.reference", "inputnode.reference"),
             ("outputnode.note", "inputnode.note"),
+            ("outputnode.skipped", "inputnode.skipped"),
         ]),
         (hmc_wf, m0_wf, [
             ("outputnode.asl_file", "inputnode.asl_file"),

@@ -18,7 +18,9 @@ def init_confounds_wf(name: str = "confounds_wf"):
     reference
         Reference image (its centre is the centre of rotation).
     note
-        Head-motion correction summary (``skipped: …`` gives an all ``n/a`` table).
+        Head-motion correction summary, recorded in the sidecar.
+    skipped
+        True when nothing was registered: the table is then all ``n/a``.
 
     Outputs
     -------
@@ -34,7 +36,7 @@ def init_confounds_wf(name: str = "confounds_wf"):
         "consecutive volumes (Jenkinson et al. 2002)."
     )
     inputnode = pe.Node(
-        IdentityInterface(fields=["transforms", "reference", "note"]), name="inputnode"
+        IdentityInterface(fields=["transforms", "reference", "note", "skipped"]), name="inputnode"
     )
     outputnode = pe.Node(
         IdentityInterface(fields=["confounds_file", "confounds_metadata"]), name="outputnode"
@@ -45,6 +47,7 @@ def init_confounds_wf(name: str = "confounds_wf"):
             ("transforms", "transforms_file"),
             ("reference", "reference_file"),
             ("note", "note"),
+            ("skipped", "skipped"),
         ]),
         (confounds, outputnode, [
             ("out_file", "confounds_file"),

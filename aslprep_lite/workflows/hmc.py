@@ -28,6 +28,8 @@ def init_hmc_wf(*, omp_nthreads: int, seed: int, mem_gb: float, name: str = "hmc
         ``.npy`` of (T, 4, 4) RAS reference-to-volume matrices.
     note
         What was registered, or why registration was skipped.
+    skipped
+        True when no volume was registered.
     """
     workflow = pe.Workflow(name=name)
     workflow.__desc__ = (
@@ -40,7 +42,7 @@ def init_hmc_wf(*, omp_nthreads: int, seed: int, mem_gb: float, name: str = "hmc
     )
     inputnode = pe.Node(IdentityInterface(fields=["asl_file", "context"]), name="inputnode")
     outputnode = pe.Node(
-        IdentityInterface(fields=["asl_file", "reference", "transforms", "note"]),
+        IdentityInterface(fields=["asl_file", "reference", "transforms", "note", "skipped"]),
         name="outputnode",
     )
     estimate = pe.Node(
@@ -61,6 +63,7 @@ def init_hmc_wf(*, omp_nthreads: int, seed: int, mem_gb: float, name: str = "hmc
             ("reference_file", "reference"),
             ("transforms_file", "transforms"),
             ("note", "note"),
+            ("skipped", "skipped"),
         ]),
     ])  # fmt: skip
     return workflow

@@ -1,0 +1,222 @@
+"""Discovery and metadata validation: awkward-but-valid metadata passes, bad metadata fails
+with one line naming the file and the field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aslprep_lite.bids import discover, read_aslcontext
+from aslprep_lite.errors import AslprepError
+from aslprep_lite.synthetic import SyntheticSpec, write_dataset
+
+
+def _dataset(tmp_path: Path, **spec) -> tuple[Path, Path]:
+    root = tmp_path / "bids"
+    write_dataset(root, [SyntheticSpec(n_pairs=2, shape=(16, 16, 6), **spec)])
+    return root, root / "sub-01" / "perf" / "sub-01_asl.json"
+
+
+def _edit(path: Path, **changes) -> None:
+    meta = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    path.write_text(json.dumps(meta))
+
+
+def _only_failure(root: Path) -> str:
+    result = discover(root)
+    assert not result.plans
+    assert len(result.failures) == 1
+    message = result.failures[0][1]
+    assert "\n" not in message
+    return message
+
+
+def test_plan_of_a_valid_run(tmp_path):
+    root, _ = _dataset(tmp_path)
+    result = discover(root)
+    assert not result.failures
+    (plan,) = result.plans
+    assert plan.asl_type == "PCASL"
+    assert plan.volume_counts == {"control": 2, "label": 2}
+    assert plan.labeled_value("post_labeling_delay") == 1.8
+    assert plan.m0_file.endswith("sub-01_m0scan.nii.gz")
+    assert plan.m0_repetition_time == 6.0
+    assert plan.prefix == "sub-01"
+    assert plan.source_files[0] == "bids:raw:sub-01/perf/sub-01_asl.nii.gz"
+
+
+@pytest.mark.parametrize(
+    "intended_for",
+    [
+        "perf/sub-01_asl.nii.gz",
+        ["perf/sub-01_asl.nii.gz"],
+        "bids::sub-01/perf/sub-01_asl.nii.gz",
+    ],
+)
+def test_intended_for_forms(tmp_path, intended_for):
+    root, _ = _dataset(tmp_path)
+    perf = root / "sub-01" / "perf"
+    # rename the M0 so only IntendedFor can link it to the run
+    for ext in (".nii.gz", ".json"):
+        (perf / f"sub-01_m0scan{ext}").rename(perf / f"sub-01_acq-m0_m0scan{ext}")
+    _edit(perf / "sub-01_acq-m0_m0scan.json", IntendedFor=intended_for)
+    (plan,) = discover(root).plans
+    assert plan.m0_file.endswith("sub-01_acq-m0_m0scan.nii.gz")
+
+
+def test_fmap_m0scan_is_not_the_m0(tmp_path):
+    root, _ = _dataset(tmp_path)
+    perf = root / "sub-01" / "perf"
+    fmap = root / "sub-01" / "fmap"
+    fmap.mkdir()
+    for ext in (".nii.gz", ".json"):
+        (perf / f"sub-01_m0scan{ext}").rename(fmap / f"sub-01_dir-pa_m0scan{ext}")
+    message = _only_failure(root)
+    assert "sub-01_asl.json" in message and "'M0Type'" in message
+
+
+def test_aslcontext_crlf_and_blank_lines(tmp_path):
+    path = tmp_path / "x_aslcontext.tsv"
+    path.write_bytes(b"volume_type\r\ncontrol\r\nlabel\r\n\r\n\r\n")
+    assert read_aslcontext(path) == ["control", "label"]
+
+
+def test_manufacturer_is_optional_and_ms_hint(tmp_path):
+    root, sidecar = _dataset(tmp_path)
+    assert "Manufacturer" not in json.loads(sidecar.read_text())
+    _edit(sidecar, PostLabelingDelay=1800)
+    message = _only_failure(root)
+    assert "'PostLabelingDelay'" in message and "1.8 s" in message
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "words"),
+    [
+        ({"MagneticFieldStrength": None}, "MagneticFieldStrength", "missing"),
+        ({"ArterialSpinLabelingType": None}, "ArterialSpinLabelingType", "missing"),
+        ({"ArterialSpinLabelingType": "FAIR"}, "ArterialSpinLabelingType", "one of"),
+        ({"PostLabelingDelay": None}, "PostLabelingDelay", "missing"),
+        ({"PostLabelingDelay": "1.8"}, "PostLabelingDelay", "number"),
+        ({"PostLabelingDelay": -1.8}, "PostLabelingDelay", "negative"),
+        ({"PostLabelingDelay": [1.8, 1.8, 1.8]}, "PostLabelingDelay", "3 values"),
+        ({"PostLabelingDelay": [1.5, 1.5, 2.0, 2.0]}, "PostLabelingDelay", "multi-delay"),
+        ({"BackgroundSuppression": None}, "BackgroundSuppression", "missing"),
+        ({"BackgroundSuppression": "yes"}, "BackgroundSuppression", "true or false"),
+        ({"M0Type": None}, "M0Type", "missing"),
+        ({"RepetitionTimePreparation": None}, "RepetitionTimePreparation", "missing"),
+        ({"RepetitionTimePreparation": 0}, "RepetitionTimePreparation", "> 0"),
+        ({"RepetitionTimePreparation": -4}, "RepetitionTimePreparation", "> 0"),
+        ({"LabelingDuration": None}, "LabelingDuration", "missing"),
+        ({"LabelingDuration": 0}, "LabelingDuration", "0 for a labeled volume"),
+        ({"LabelingDuration": [1.8]}, "LabelingDuration", "1 values"),
+        ({"MRAcquisitionType": "2D"}, "SliceTiming", "missing"),
+        ({"M0Type": "Estimate"}, "M0Estimate", "missing"),
+        ({"M0Type": "Absent", "BackgroundSuppression": True}, "M0Type", "Absent"),
+        ({"LabelingEfficiency": 1.5}, "LabelingEfficiency", "(0, 1]"),
+        ({"MagneticFieldStrength": 4.7}, "MagneticFieldStrength", "4.7 T"),
+    ],
+)
+def test_invalid_metadata(tmp_path, changes, field, words):
+    root, sidecar = _dataset(tmp_path)
+    _edit(sidecar, **changes)
+    message = _only_failure(root)
+    assert str(sidecar) in message
+    assert f"'{field}'" in message
+    assert words in message
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"BolusCutOffFlag": False}, "BolusCutOffFlag"),
+        ({"BolusCutOffFlag": None}, "BolusCutOffFlag"),
+        ({"BolusCutOffTechnique": None}, "BolusCutOffTechnique"),
+        ({"BolusCutOffDelayTime": None}, "BolusCutOffDelayTime"),
+    ],
+)
+def test_pasl_requires_bolus_cutoff(tmp_path, changes, field):
+    root, sidecar = _dataset(tmp_path, asl_type="PASL", m0_type="Included")
+    _edit(sidecar, **changes)
+    message = _only_failure(root)
+    assert f"'{field}'" in message
+
+
+def test_aslcontext_problems(tmp_path):
+    root, _ = _dataset(tmp_path)
+    context = root / "sub-01" / "perf" / "sub-01_aslcontext.tsv"
+    context.write_text("volume_type\ncontrol\nlabel\ncontrol\n")
+    assert "3 volumes" in _only_failure(root) or "lists 3" in _only_failure(root)
+    context.write_text("volume_type\ncontrol\nlabel\ncontrol\nbanana\n")
+    assert "'banana'" in _only_failure(root)
+    context.write_text("volume_type\ncontrol\nlabel\ncontrol\ncontrol\n")
+    assert "3 control and 1 label" in _only_failure(root)
+    context.unlink()
+    assert "aslcontext.tsv" in _only_failure(root)
+
+
+def test_dataset_level_errors(tmp_path):
+    with pytest.raises(AslprepError, match="not a BIDS dataset"):
+        discover(tmp_path)
+    root, _ = _dataset(tmp_path)
+    with pytest.raises(AslprepError, match="02 not found"):
+        discover(root, participant_label=["sub-02"])
+    (plan,) = discover(root, participant_label=["sub-01"]).plans
+    assert plan.subject == "01"
+
+
+def test_malformed_json_names_the_file(tmp_path):
+    root, sidecar = _dataset(tmp_path)
+    sidecar.write_text('{"PostLabelingDelay": 1.8,')
+    with pytest.raises(AslprepError, match=r"sub-01_asl\.json: not valid JSON"):
+        discover(root)
+
+
+def test_dummy_scans_drop_a_pair(tmp_path):
+    root, _ = _dataset(tmp_path)
+    (plan,) = discover(root, dummy_scans=2).plans
+    assert plan.volume_counts == {"control": 1, "label": 1}
+    assert len(plan.post_labeling_delay) == 2
+    assert "after dropping 1 dummy scans" in discover(root, dummy_scans=1).failures[0][1]
+
+
+# ---- the real-world metadata of bids-examples (metadata only; placeholder images) ----
+
+
+def test_bids_examples_single_delay_plans(bids_examples):
+    plans = {}
+    for name in ("asl001", "asl002", "asl005"):
+        result = discover(bids_examples / name, check_images=False)
+        assert not result.failures, result.failures
+        (plans[name],) = result.plans
+    # GE deltam-only with an included M0: no registration possible
+    assert plans["asl001"].volume_counts == {"m0scan": 1, "deltam": 1}
+    assert plans["asl001"].hmc_note.startswith("skipped")
+    assert plans["asl001"].bs_pulses == 4
+    # Philips 2D EPI: per-slice PLD, control first, separate M0 with TR 9 s
+    assert plans["asl002"].slice_timing and len(plans["asl002"].slice_timing) == 20
+    assert plans["asl002"].m0_repetition_time == 9.0
+    # Siemens 3D GRASE with M0 TR 4.95 s: below 5 s, so the TR correction will apply
+    assert plans["asl005"].m0_repetition_time == 4.95
+    assert plans["asl005"].m0_file.endswith("perf/sub-Sub103_m0scan.nii.gz")
+
+
+def test_bids_examples_multi_delay_refused_clearly(bids_examples):
+    for name, n_delays in (("asl003", 10), ("asl004", 6), ("2d_mb_pcasl", 5)):
+        result = discover(bids_examples / name, check_images=False)
+        (failure,) = result.failures
+        assert f"{n_delays} distinct delays" in failure[1]
+        assert "_asl.json" in failure[1]
+
+
+def test_bids_examples_images_are_placeholders(bids_examples):
+    # with image checks on, the empty placeholder NIfTI is reported, by name, in one line
+    result = discover(bids_examples / "asl005")
+    (failure,) = result.failures
+    assert "sub-Sub103_asl.nii.gz: not a readable NIfTI image" in failure[1]

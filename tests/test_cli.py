@@ -1,0 +1,269 @@
+"""The real command line, end to end, on synthetic BIDS datasets with known CBF.
+
+One dataset holds one participant per scenario, so a single ``aslprep-lite`` invocation
+processes them all through nipype's MultiProc plugin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+from aslprep_lite import __version__
+from aslprep_lite.synthetic import SyntheticSpec, write_dataset
+
+#: Mean grey-matter CBF must be within this fraction of the truth. The synthetic data carry
+#: realistic noise (0.2 % of M0 per image, 8 pairs) and the pipeline smooths M0 at 5 mm, which
+#: together account for about 2 %; 5 % leaves room for the registration of moved volumes.
+GM_TOLERANCE = 0.05
+
+SCENARIOS = {
+    # PCASL, separate M0, control first, background suppression, 1 mm / 1 degree motion
+    "pcasl": SyntheticSpec(
+        subject="pcasl", background_suppression=True, bs_pulses=4, motion_mm=1.0
+    ),
+    # PASL QUIPSS II with the M0 included in the series, label first
+    "pasl": SyntheticSpec(
+        subject="pasl", asl_type="PASL", m0_type="Included", order="label-first"
+    ),
+    # PASL Q2TIPS, 2D readout (per-slice inversion time)
+    "pasl2d": SyntheticSpec(
+        subject="pasl2d",
+        asl_type="PASL",
+        bolus_cutoff_technique="Q2TIPS",
+        m0_type="Included",
+        slice_timing=True,
+    ),
+    # CASL, label first, 2D, separate M0 with TR 4 s (saturation-recovery correction)
+    "casl2d": SyntheticSpec(
+        subject="casl2d", asl_type="CASL", order="label-first", slice_timing=True, m0_tr=4.0
+    ),
+    # GE product style: deltam volumes only, M0 included, nothing to register
+    "deltam": SyntheticSpec(
+        subject="deltam",
+        deltam_only=True,
+        m0_type="Included",
+        background_suppression=True,
+        bs_pulses=4,
+    ),
+    "estimate": SyntheticSpec(subject="estimate", m0_type="Estimate"),
+    "absent": SyntheticSpec(subject="absent", m0_type="Absent"),
+}
+
+OUTPUTS = (
+    "cbf.nii.gz",
+    "cbf.json",
+    "desc-timeseries_cbf.nii.gz",
+    "desc-timeseries_cbf.json",
+    "desc-mean_deltam.nii.gz",
+    "desc-preproc_m0scan.nii.gz",
+    "desc-brain_mask.nii.gz",
+    "desc-confounds_timeseries.tsv",
+    "desc-confounds_timeseries.json",
+)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "aslprep_lite", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    truths = write_dataset(base / "bids", list(SCENARIOS.values()))
+    before = tree_digest(base / "bids")
+    result = run_cli(
+        str(base / "bids"), str(base / "out"), "participant", "-w", str(base / "work"),
+        "--nprocs", "2",
+    )  # fmt: skip
+    return {
+        "base": base,
+        "result": result,
+        "truth": {t.spec.subject: t for t in truths},
+        "input_digest": before,
+    }
+
+
+def _outputs(processed, subject: str) -> Path:
+    return processed["base"] / "out" / f"sub-{subject}" / "perf"
+
+
+def test_exit_code_and_files(processed):
+    result = processed["result"]
+    assert result.returncode == 0, result.stderr
+    for subject in SCENARIOS:
+        perf = _outputs(processed, subject)
+        for suffix in OUTPUTS:
+            assert (perf / f"sub-{subject}_{suffix}").is_file(), (subject, suffix)
+    assert not list((processed["base"] / "out").rglob("*.tmp"))
+    assert not (processed["base"] / "out" / ".aslprep_lite-staging").exists()
+
+
+@pytest.mark.parametrize("subject", list(SCENARIOS))
+def test_grey_matter_cbf_recovered(processed, subject):
+    truth = processed["truth"][subject]
+    cbf = nb.load(_outputs(processed, subject) / f"sub-{subject}_cbf.nii.gz").get_fdata()
+    assert np.isfinite(cbf).all()
+    gm = truth.gm_mask
+    assert gm.sum() > 50
+    estimate, expected = cbf[gm].mean(), truth.cbf[gm].mean()
+    assert estimate == pytest.approx(expected, rel=GM_TOLERANCE), (subject, estimate, expected)
+
+
+def test_input_dataset_untouched(processed):
+    assert tree_digest(processed["base"] / "bids") == processed["input_digest"]
+
+
+def test_sidecar_records_every_constant(processed):
+    meta = json.loads((_outputs(processed, "pcasl") / "sub-pcasl_cbf.json").read_text())
+    quant = meta["Quantification"]
+    assert meta["Units"] == "mL/100 g/min"
+    assert quant["PartitionCoefficient"]["Value"] == 0.9
+    assert quant["BloodT1"]["Value"] == 1.65
+    # 0.85 * 0.95^4 with four background-suppression pulses
+    assert quant["LabelingEfficiency"]["Value"] == pytest.approx(0.6923303, rel=1e-6)
+    assert "Garcia2005" in quant["LabelingEfficiency"]["Source"]
+    assert meta["PostLabelingDelay"] == 1.8 and meta["LabelingDuration"] == 1.8
+    assert meta["M0"]["M0Type"] == "Separate"
+    assert meta["Sources"][0] == "bids:raw:sub-pcasl/perf/sub-pcasl_asl.nii.gz"
+    casl = json.loads((_outputs(processed, "casl2d") / "sub-casl2d_cbf.json").read_text())
+    # 1 / (1 - exp(-4 / 1.607)) = 1.0905
+    assert casl["M0"]["TRCorrectionFactor"] == pytest.approx(1.09050, rel=1e-4)
+    assert casl["M0"]["TissueT1"]["Value"] == 1.607
+    assert casl["Quantification"]["LabelingEfficiency"]["Value"] == 0.68
+    assert "PerSliceDelay" in casl
+    pasl = json.loads((_outputs(processed, "pasl") / "sub-pasl_cbf.json").read_text())
+    assert pasl["BolusCutOffTechnique"] == "QUIPSSII"
+    assert pasl["Quantification"]["LabelingEfficiency"]["Value"] == 0.98
+
+
+def test_confounds_table(processed):
+    table = _outputs(processed, "pcasl") / "sub-pcasl_desc-confounds_timeseries.tsv"
+    lines = table.read_text().splitlines()
+    assert lines[0].split("\t") == [
+        "trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z",
+        "framewise_displacement", "rmsd",
+    ]  # fmt: skip
+    assert len(lines) == 1 + 16
+    values = np.array([[float(v) for v in row.split("\t")[:6]] for row in lines[1:]])
+    truth = processed["truth"]["pcasl"].motion
+    # the estimated translations follow the true ones up to the reference's own offset
+    true_t = truth[:, :3, 3] - truth[:, :3, 3].mean(axis=0)
+    est_t = values[:, :3] - values[:, :3].mean(axis=0)
+    assert np.abs(true_t - est_t).max() < 0.35
+    skipped = _outputs(processed, "deltam") / "sub-deltam_desc-confounds_timeseries.tsv"
+    assert set(skipped.read_text().splitlines()[1].split("\t")) == {"n/a"}
+    note = json.loads(skipped.with_suffix(".json").read_text())["HeadMotionCorrection"]
+    assert "skipped" in note
+
+
+def test_dataset_description_and_citation(processed):
+    out = processed["base"] / "out"
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative"
+    assert desc["GeneratedBy"][0]["Name"] == "aslprep_lite"
+    assert desc["GeneratedBy"][0]["Version"] == __version__
+    assert "nipype" in desc["GeneratedBy"][0]["Description"]
+    assert desc["SourceDatasets"][0]["URL"].startswith("file://")
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "Alsop" in citation and "Power" in citation
+
+
+def test_rerun_is_byte_identical(processed, tmp_path):
+    base = processed["base"]
+    result = run_cli(
+        str(base / "bids"), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "work"),
+        "--participant-label", "pcasl", "sub-pasl", "--nprocs", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for subject in ("pcasl", "pasl"):
+        first = tree_digest(_outputs(processed, subject))
+        second = tree_digest(tmp_path / "out" / f"sub-{subject}" / "perf")
+        assert first == second
+
+
+def test_version_and_help():
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"aslprep-lite {__version__}"
+    helptext = run_cli("--help")
+    assert helptext.returncode == 0
+    for option in ("--participant-label", "--dry-run", "--m0-scale", "--smooth-kernel"):
+        assert option in helptext.stdout
+
+
+def test_dry_run_plans_without_processing(processed, tmp_path):
+    result = run_cli(
+        str(processed["base"] / "bids"), str(tmp_path / "out"), "participant", "--dry-run",
+        "--participant-label", "pasl", "casl2d",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    runs = {r["subject"]: r for r in plan["runs"]}
+    assert set(runs) == {"pasl", "casl2d"}
+    assert runs["pasl"]["model"].startswith("single-delay PASL with QUIPSSII")
+    assert runs["pasl"]["volumes"] == {"m0scan": 1, "label": 8, "control": 8}
+    assert runs["casl2d"]["readout"].startswith("2D")
+    assert runs["casl2d"]["m0"]["repetition_time"] == 4.0
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_run_fails_alone_with_one_line(processed, tmp_path):
+    bids = tmp_path / "bids"
+    write_dataset(
+        bids, [SyntheticSpec(subject="good", n_pairs=2), SyntheticSpec(subject="bad", n_pairs=2)]
+    )
+    sidecar = bids / "sub-bad" / "perf" / "sub-bad_asl.json"
+    meta = json.loads(sidecar.read_text())
+    meta["RepetitionTimePreparation"] = 0
+    sidecar.write_text(json.dumps(meta))
+    result = run_cli(str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [
+        line for line in result.stderr.splitlines() if line.startswith("aslprep-lite: error")
+    ]
+    assert len(errors) == 1
+    assert "sub-bad_asl.json" in errors[0] and "'RepetitionTimePreparation'" in errors[0]
+    assert (tmp_path / "out" / "sub-good" / "perf" / "sub-good_cbf.nii.gz").is_file()
+    assert not (tmp_path / "out" / "sub-bad").exists()
+
+
+def test_truncated_image_is_one_line(tmp_path):
+    bids = tmp_path / "bids"
+    write_dataset(bids, [SyntheticSpec(n_pairs=2)])
+    asl = bids / "sub-01" / "perf" / "sub-01_asl.nii.gz"
+    asl.write_bytes(asl.read_bytes()[:200])
+    result = run_cli(str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "sub-01_asl.nii.gz" in result.stderr
+    assert not (tmp_path / "out" / "sub-01").exists()
+
+
+def test_output_inside_input_refused(tmp_path):
+    bids = tmp_path / "bids"
+    write_dataset(bids, [SyntheticSpec(n_pairs=2)])
+    result = run_cli(str(bids), str(bids / "derivatives" / "x"), "participant")
+    assert result.returncode == 1
+    assert "inside the input dataset" in result.stderr
+    assert not (bids / "derivatives").exists()
