@@ -7,6 +7,9 @@ truth is exact (no interpolation blur in the moved volumes only). ``scipy.ndimag
 independent resampler for the resampling checks.
 """
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -167,7 +170,7 @@ def test_estimate_motion_accuracy(series, estimate) -> None:
     assert estimate.registered == tuple(kind != "deltam" for kind in CONTEXT)
     assert estimate.reference_type == "control"
     assert "m0scan mean to control mean by mi" in estimate.note
-    assert "label mean to control mean by correlation" in estimate.note
+    assert "label mean to control mean" in estimate.note
     assert "1 deltam" in estimate.note
     # Returned matrices are rigid.
     rot = estimate.matrices[:, :3, :3]
@@ -270,7 +273,12 @@ def test_resample_series_identity_is_exact() -> None:
 
 
 def test_resample_series_matches_scipy_and_keeps_edges() -> None:
-    """Trilinear + nearest-edge fill equals scipy's order=1, mode='nearest' everywhere."""
+    """Cubic B-spline + nearest-edge fill equals scipy's order=3 spline away from the edges.
+
+    Near the edges the two differ only in how the spline coefficients are extended (ITK
+    mirrors the edge-padded image, scipy extends it as a constant), which decays as 0.27^k
+    with the distance k in voxels.
+    """
     affine = _affine()
     centre = image_center(SHAPE, affine)
     rng = np.random.default_rng(5)
@@ -282,74 +290,138 @@ def test_resample_series_matches_scipy_and_keeps_edges() -> None:
     # Output voxel v samples the input at voxel A^-1 M A v.
     voxel = np.linalg.inv(affine) @ moved @ affine
     expected = ndimage.affine_transform(
-        data[..., 1].astype(np.float64), voxel[:3, :3], voxel[:3, 3], order=1, mode="nearest"
+        data[..., 1].astype(np.float64), voxel[:3, :3], voxel[:3, 3], order=3, mode="nearest"
     )
-    np.testing.assert_allclose(out[..., 1], expected, rtol=0, atol=1e-3)
+    interior = (slice(6, -6), slice(6, -6), slice(6, -6))
+    np.testing.assert_allclose(out[..., 1][interior], expected[interior], rtol=0, atol=1e-2)
     assert out[..., 1].min() > 50.0  # no zero-filled voxels, first and last slices included
     np.testing.assert_array_equal(out[..., 0], data[..., 0])
 
 
 def test_resample_to_is_exact_for_linear_images() -> None:
-    """Trilinear interpolation reproduces a linear function of world position exactly."""
-    source_affine = _affine((30, 30, 16), (4.0, 4.0, 6.0))
+    """Cubic B-splines reproduce a linear function of world position (away from the edges)."""
+    source_affine = _affine((30, 30, 28), (4.0, 4.0, 6.0))
     target_affine = _affine()
     gradient, offset = np.array([0.3, -0.2, 0.5]), 7.0
-    source = (_world((30, 30, 16), source_affine) @ gradient + offset).reshape(30, 30, 16)
+    source = (_world((30, 30, 28), source_affine) @ gradient + offset).reshape(30, 30, 28)
     shift = parameters_to_matrix([1.0, 2.0, -1.5, 0.01, 0.02, -0.03], np.zeros(3))[0]
     out = resample_to(source, source_affine, shift, SHAPE, target_affine)
     world = _world(SHAPE, target_affine)
     expected = ((world @ shift[:3, :3].T + shift[:3, 3]) @ gradient + offset).reshape(SHAPE)
-    # Compare where the sampled point is inside the source field (outside it the nearest
-    # edge value is used by design).
+    # Compare where the sampled point is well inside the source field: outside it the nearest
+    # edge value is used by design, and within a few voxels of the edge the spline
+    # coefficients feel that padding.
     ijk = (np.c_[world, np.ones(len(world))] @ (np.linalg.inv(source_affine) @ shift).T)[:, :3]
-    inside = np.all((ijk >= 0) & (ijk <= np.array([29, 29, 15])), axis=1).reshape(SHAPE)
-    assert inside.mean() > 0.5
+    inside = np.all((ijk >= 6) & (ijk <= np.array([29, 29, 27]) - 6), axis=1).reshape(SHAPE)
+    assert inside.sum() > 1000
     np.testing.assert_allclose(out[inside], expected[inside], rtol=0, atol=1e-3)
 
 
-def test_two_stage_composition_with_oracle_registration(monkeypatch) -> None:
-    """Composition and transform directions, isolated from optimiser accuracy.
+def _estimate_with_oracle(monkeypatch, context, volume_poses, mean_poses):
+    """Run estimate_motion with registration replaced by an exact oracle.
 
-    Every volume (and every type mean) is a constant image whose value identifies it; a fake
-    registration returns the exact fixed->moving transform ``P_moving @ inv(P_fixed)`` between
-    the poses assigned to those values. Then every registered volume must come out as
-    ``P_t @ inv(P_reference)``. Large rotations make a wrong composition order obvious.
+    Every volume is a constant image whose value identifies it (so each type mean is also
+    identifiable); the oracle returns the exact fixed->moving transform
+    ``P_moving @ inv(P_fixed)`` between the poses assigned to those values. This isolates the
+    composition and transform directions from optimiser accuracy.
     """
-    context = ["control", "label"] * 4 + ["m0scan", "cbf"]
-    values = [
-        100.0 + 3 * t if kind == "control" else 500.0 + 3 * t for t, kind in enumerate(context)
-    ]
-    values[8], values[9] = 1000.0, 7.0
+    values = [100.0 * 1.1**t for t in range(len(context))]  # no mean equals a value
     means = {
-        kind: np.mean([v for v, k in zip(values, context, strict=True) if k == kind])
-        for kind in ("control", "label")
+        kind: float(np.mean([v for v, k in zip(values, context, strict=True) if k == kind]))
+        for kind in mean_poses
     }
-    keys = [*values, *means.values()]
-    assert len(set(keys)) == len(keys)
-    rng = np.random.default_rng(11)
-    poses = {
-        key: parameters_to_matrix(
-            np.r_[rng.uniform(-5, 5, 3), rng.uniform(-0.4, 0.4, 3)], np.zeros(3)
-        )[0]
-        for key in keys
-    }
+    poses = dict(zip(values, volume_poses, strict=True))
+    poses.update({means[kind]: pose for kind, pose in mean_poses.items()})
+    assert len(poses) == len(values) + len(means)  # every image is identifiable
+    calls = []
 
-    def pose_of(image: sitk.Image) -> np.ndarray:
+    def pose_of(image: sitk.Image) -> float:
         value = float(sitk.GetArrayViewFromImage(image).flat[0])
-        return poses[min(keys, key=lambda key: abs(key - value))]
+        return min(poses, key=lambda key: abs(key - value))
 
     def oracle(fixed, moving, mask, metric, initial, seed):
-        return registration._ras_to_itk(pose_of(moving) @ np.linalg.inv(pose_of(fixed)))
+        calls.append((pose_of(fixed), pose_of(moving), metric))
+        transform = poses[pose_of(moving)] @ np.linalg.inv(poses[pose_of(fixed)])
+        return registration._ras_to_itk(transform)
 
     monkeypatch.setattr(registration, "_register", oracle)
     data = np.ones((*SHAPE, len(context)), dtype=np.float32) * np.array(values, np.float32)
-    result = estimate_motion(data, _affine(), context)
+    return estimate_motion(data, _affine(), context), means, calls
 
-    reference_pose = poses[means["control"]]
+
+def test_two_stage_composition_with_oracle_registration(monkeypatch) -> None:
+    """Blocked (not interleaved) labels: the label mean is registered to the control mean.
+
+    Every registered volume must come out as ``P_t @ inv(P_control_mean)``; large random
+    rotations make a wrong composition order obvious.
+    """
+    context = ["control"] * 4 + ["label"] * 4 + ["m0scan", "cbf"]
+    rng = np.random.default_rng(11)
+
+    def random_pose() -> np.ndarray:
+        params = np.r_[rng.uniform(-5, 5, 3), rng.uniform(-0.4, 0.4, 3)]
+        return parameters_to_matrix(params, np.zeros(3))[0]
+
+    volume_poses = [random_pose() for _ in context]
+    mean_poses = {"control": random_pose(), "label": random_pose()}
+    result, means, calls = _estimate_with_oracle(monkeypatch, context, volume_poses, mean_poses)
+    reference = np.linalg.inv(mean_poses["control"])
     for t, kind in enumerate(context[:9]):
-        expected = poses[values[t]] @ np.linalg.inv(reference_pose)
-        np.testing.assert_allclose(result.matrices[t], expected, atol=1e-9, err_msg=kind)
+        np.testing.assert_allclose(
+            result.matrices[t], volume_poses[t] @ reference, atol=1e-9, err_msg=kind
+        )
     np.testing.assert_array_equal(result.matrices[9], np.eye(4))  # cbf: never registered
     assert result.registered == (True,) * 9 + (False,)
+    assert (means["control"], means["label"], "correlation") in calls
+    assert "label mean to control mean by correlation" in result.note
+    assert "m0scan mean to control mean by mi" in result.note
     # Constant controls stay constant after resampling, corners included (edge fill).
     np.testing.assert_allclose(result.reference, means["control"], rtol=1e-6)
+
+
+def _grey_deltam(series: np.ndarray, context: np.ndarray, grey: np.ndarray) -> float:
+    """Mean control − label over grey-matter voxels."""
+    difference = series[..., context == "control"] - series[..., context == "label"]
+    return float(difference.mean(axis=3)[grey].mean())
+
+
+def test_correction_leaves_motionless_deltam_unbiased() -> None:
+    """No motion: correcting must not change grey-matter ΔM (control − label).
+
+    Without background suppression the static signal is ~100x ΔM, so any label/control
+    difference in how volumes are resampled shows up after subtraction; trilinear resampling
+    moved grey-matter ΔM by up to 8 % on these series, cubic B-splines by about 1 %. Uses the
+    package's own synthetic ASL series (noise included, 8 pairs).
+    """
+    synthetic = pytest.importorskip("aslprep_lite.synthetic")
+    import nibabel as nb
+
+    specs = [
+        synthetic.SyntheticSpec(subject="a", asl_type="PASL", order="label-first", seed=0),
+        synthetic.SyntheticSpec(subject="b", asl_type="PCASL", order="label-first", seed=0),
+        synthetic.SyntheticSpec(subject="c", asl_type="PCASL", order="control-first", seed=1),
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        truths = synthetic.write_dataset(Path(tmp), specs)
+        for truth in truths:
+            image = nb.load(truth.asl_file)
+            data = np.asarray(image.dataobj, dtype=np.float32)
+            tsv = Path(str(truth.asl_file).replace("_asl.nii.gz", "_aslcontext.tsv"))
+            context = np.array(tsv.read_text().split()[1:])
+            result = estimate_motion(data, image.affine, list(context))
+            corrected = resample_series(data, image.affine, result.matrices)
+
+            before, after = (
+                _grey_deltam(series, context, truth.gm_mask) for series in (data, corrected)
+            )
+            assert after == pytest.approx(before, rel=0.02), (truth.spec.subject, before, after)
+
+
+def test_results_do_not_depend_on_thread_count(series, estimate) -> None:
+    data, affine, _, _ = series
+    threaded = estimate_motion(data, affine, CONTEXT, n_threads=2)
+    assert threaded.matrices.tobytes() == estimate.matrices.tobytes()
+    assert threaded.reference.tobytes() == estimate.reference.tobytes()
+    one = resample_series(data, affine, estimate.matrices, n_threads=1)
+    two = resample_series(data, affine, estimate.matrices, n_threads=2)
+    assert one.tobytes() == two.tobytes()
