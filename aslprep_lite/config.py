@@ -35,7 +35,8 @@ class Settings:
     dummy_scans: int = 0
     dry_run: bool = False
     stop_on_first_crash: bool = False
-    plugin: str = "MultiProc"
+    plugin: str | None = None
+    plugin_args: dict[str, Any] = field(default_factory=dict)
     verbosity: int = 0
     seed: int = RANDOM_SEED
 
@@ -101,6 +102,9 @@ def build_settings(options: Any) -> Settings:
         raise AslprepError(f"--m0-scale must be > 0, not {options.m0_scale}")
     if options.smooth_kernel < 0:
         raise AslprepError(f"--smooth-kernel must be >= 0 mm, not {options.smooth_kernel}")
+    plugin, plugin_args = (
+        read_plugin_file(options.use_plugin) if options.use_plugin else (None, {})
+    )
     nprocs = options.nprocs or os.cpu_count() or 1
     omp = min(options.omp_nthreads or nprocs, nprocs)
     return Settings(
@@ -119,8 +123,31 @@ def build_settings(options: Any) -> Settings:
         dummy_scans=options.dummy_scans,
         dry_run=options.dry_run,
         stop_on_first_crash=options.stop_on_first_crash,
+        plugin=plugin,
+        plugin_args=plugin_args,
         verbosity=options.verbose - options.quiet,
     )
+
+
+def read_plugin_file(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """Read an fMRIPrep-style nipype plugin file: ``plugin: NAME`` and optional ``plugin_args``.
+
+    The plugin is handed to nipype as is (MultiProc, Linear, SLURM, SGE, PBS, ...): nipype's
+    plugins do the scheduling.
+    """
+    import yaml
+
+    try:
+        content = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        reason = " ".join(str(err).split())  # YAML errors span several lines
+        raise AslprepError(f"cannot read the plugin file: {reason}", path=str(path)) from None
+    if not isinstance(content, dict) or not isinstance(content.get("plugin"), str):
+        raise AslprepError("must hold 'plugin: NAME' (e.g. SLURM)", path=str(path))
+    args = content.get("plugin_args") or {}
+    if not isinstance(args, dict):
+        raise AslprepError("field 'plugin_args' must be a mapping", path=str(path))
+    return content["plugin"], args
 
 
 def check_writable(directory: Path) -> None:

@@ -267,3 +267,18 @@ def test_output_inside_input_refused(tmp_path):
     assert result.returncode == 1
     assert "inside the input dataset" in result.stderr
     assert not (bids / "derivatives").exists()
+
+
+def test_plugin_file(tmp_path):
+    bids = tmp_path / "bids"
+    write_dataset(bids, [SyntheticSpec(n_pairs=2)])
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: Linear\nplugin_args: {}\n")
+    result = run_cli(str(bids), str(tmp_path / "out"), "participant", "--use-plugin", str(plugin))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "sub-01" / "perf" / "sub-01_cbf.nii.gz").is_file()
+    plugin.write_text("plugin: [\n")
+    result = run_cli(str(bids), str(tmp_path / "o2"), "participant", "--use-plugin", str(plugin))
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "plugin.yml: cannot read the plugin file" in line

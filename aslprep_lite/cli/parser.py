@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory nipype may schedule against (default: all available)",
     )
     perf.add_argument(
+        "--use-plugin",
+        metavar="FILE",
+        help="nipype execution plugin settings, YAML such as 'plugin: SLURM' and "
+        "'plugin_args: {sbatch_args: \"--mem=4G\"}' (default: MultiProc with --nprocs)",
+    )
+    perf.add_argument(
         "--stop-on-first-crash",
         action="store_true",
         help="stop at the first failing step instead of finishing the other runs",

@@ -143,10 +143,13 @@ def run_participants(settings: Settings, plans) -> list[tuple[str, str]]:
     workflow = init_aslprep_lite_wf(settings, plans)
     _write_boilerplate(settings, collect_boilerplate(workflow))
 
-    plugin_args: dict = {"n_procs": settings.nprocs, "raise_insufficient": False}
-    if settings.mem_gb:
-        plugin_args["memory_gb"] = settings.mem_gb
-    plugin = "Linear" if settings.nprocs == 1 else "MultiProc"
+    if settings.plugin:
+        plugin, plugin_args = settings.plugin, dict(settings.plugin_args)
+    else:
+        plugin = "Linear" if settings.nprocs == 1 else "MultiProc"
+        plugin_args = {"n_procs": settings.nprocs, "raise_insufficient": False}
+        if settings.mem_gb:
+            plugin_args["memory_gb"] = settings.mem_gb
     try:
         workflow.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as err:
