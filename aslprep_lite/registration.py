@@ -204,7 +204,8 @@ def _edge_padding(
     other axes are still interpolated. A constant (zero) fill would blank the first and last
     slices after any through-plane motion, corrupting their CBF; ITK's own nearest-neighbour
     extrapolator would drop the in-plane interpolation on those slices. Replicating the edge
-    before a linear resampling gives exactly the clamped behaviour. The map is affine, so the
+    before resampling gives the clamped behaviour (the spline of a constant run is that
+    constant). The map is affine, so the
     grid corners bound the sampled region. Padding is capped at one array length per side
     (beyond that, gross misregistration, ITK's nearest-pixel extrapolation takes over).
 
@@ -407,7 +408,7 @@ def resample_to(
     Returns
     -------
     ndarray, shape ref_shape[:3], float32
-        Trilinear interpolation; points outside ``moving``'s field take the nearest edge value
+        Cubic B-spline interpolation; points outside ``moving``'s field take the nearest edge value
         (no zero-filled border, so no division by zero when the result is an M0).
     """
     moving = np.asarray(moving, dtype=np.float32)
@@ -439,7 +440,7 @@ def resample_series(
     Returns
     -------
     ndarray, shape (X, Y, Z, T), float32
-        Trilinear interpolation. Volumes whose matrix is exactly the identity are copied, so
+        Cubic B-spline interpolation. Volumes whose matrix is exactly the identity are copied, so
         they are bit-for-bit the input (as float32). Points that fall outside the field of view
         take the nearest edge value, which keeps the first and last slices intact.
     """

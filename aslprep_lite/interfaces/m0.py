@@ -73,7 +73,7 @@ class PrepareM0(SimpleInterface):
                 )
                 meta["Registration"] = (
                     "rigid to the ASL reference (SimpleITK, Mattes mutual information), "
-                    "one linear resampling onto the ASL grid"
+                    "one cubic B-spline resampling onto the ASL grid"
                 )
             else:
                 matrix = np.eye(4)
@@ -95,6 +95,7 @@ class PrepareM0(SimpleInterface):
             meta["Source"] = "M0Estimate (sidecar)"
 
         if m0 is not None:
+            mask_source = "M0" if m0_type != "Absent" else "mean control"
             mask = brain_mask(m0, zooms)
             tissue_t1 = constants.tissue_t1(plan["field_strength"])
             threshold = constants.scalar("m0_tr_threshold")
@@ -107,7 +108,10 @@ class PrepareM0(SimpleInterface):
                 meta["TissueT1"] = tissue_t1.as_json()
             m0 = m0 * factor
         else:
-            base = _volumes(series, context, "control") if "control" in context else reference
+            if "control" in context:
+                mask_source, base = "mean control", _volumes(series, context, "control")
+            else:
+                mask_source, base = "ASL reference", reference
             mask = brain_mask(base, zooms)
             m0 = np.full(series.shape[:3], plan["m0_estimate"], dtype=np.float64)
             meta["M0Estimate"] = plan["m0_estimate"]
@@ -121,9 +125,8 @@ class PrepareM0(SimpleInterface):
         meta["SmoothingFWHM"] = {"Value": self.inputs.fwhm, "Units": "mm"}
         meta["SmoothingMethod"] = "Gaussian, normalized within the brain mask"
         meta["BrainMask"] = (
-            "Otsu threshold of the "
-            + ("M0" if m0_type in ("Separate", "Included", "Absent") else "mean control")
-            + " smoothed at 3 mm FWHM, largest component, holes filled"
+            f"Otsu threshold of the {mask_source} smoothed at 3 mm FWHM, largest component, "
+            "holes filled"
         )
 
         self._results["out_file"] = save_image(

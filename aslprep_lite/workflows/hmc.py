@@ -38,7 +38,7 @@ def init_hmc_wf(*, omp_nthreads: int, seed: int, mem_gb: float, name: str = "hmc
         "label and M0 images differ in contrast: each volume was registered to the mean of "
         "its type (normalized correlation), and each type's mean to the reference, the mean "
         "control image (mutual information for M0 volumes; Mattes et al. 2003). The series "
-        "was resampled once, with linear interpolation, applying each volume's transform."
+        "was resampled once, with cubic B-spline interpolation, applying each volume's transform."
     )
     inputnode = pe.Node(IdentityInterface(fields=["asl_file", "context"]), name="inputnode")
     outputnode = pe.Node(
