@@ -282,3 +282,17 @@ def test_plugin_file(tmp_path):
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert "plugin.yml: cannot read the plugin file" in line
+
+
+def test_implausible_cbf_is_loud(tmp_path):
+    bids = tmp_path / "bids"
+    write_dataset(bids, [SyntheticSpec(n_pairs=2)])
+    # an M0 100x too small: CBF in the thousands, as with vendor-scaled GE data
+    result = run_cli(
+        str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
+        "--m0-scale", "0.01",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "outside the plausible 5-200" in result.stderr
+    sidecar = json.loads((tmp_path / "out" / "sub-01" / "perf" / "sub-01_cbf.json").read_text())
+    assert "M0 scaling" in sidecar["QualityWarnings"][0]

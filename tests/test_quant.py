@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from aslprep_lite.quant import constants
-from aslprep_lite.quant.cbf import pasl_bolus_duration, pasl_cbf, pcasl_cbf, slice_delays
+from aslprep_lite.quant.cbf import (
+    implausible_cbf,
+    pasl_bolus_duration,
+    pasl_cbf,
+    pcasl_cbf,
+    slice_delays,
+)
 from aslprep_lite.quant.deltam import plan_subtraction, subtract
 from aslprep_lite.quant.m0 import (
     SIGMA_TO_FWHM,
@@ -217,3 +223,11 @@ def test_masked_smoothing_fwhm():
     x = np.arange(41) - 20.0
     sd = np.sqrt((profile * x**2).sum())
     assert sd == pytest.approx(8.0 / SIGMA_TO_FWHM, rel=0.02)
+
+
+def test_implausible_cbf_warning():
+    mask = np.ones((4, 4, 4), dtype=bool)
+    assert implausible_cbf(np.full(mask.shape, 45.0), mask, 5.0, 200.0) is None
+    warning = implausible_cbf(np.full(mask.shape, 4500.0), mask, 5.0, 200.0)
+    assert "4500" in warning and "--m0-scale" in warning
+    assert "0.5" in implausible_cbf(np.full(mask.shape, 0.5), mask, 5.0, 200.0)

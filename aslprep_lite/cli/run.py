@@ -158,6 +158,7 @@ def run_participants(settings: Settings, plans) -> list[tuple[str, str]]:
     messages = crash_messages(crash_dir)
     failures = []
     for plan in plans:
+        _report_quality_warnings(settings, plan)
         name = run_workflow_name(plan)
         reasons = [msg for node, msg in messages.items() if f".{name}." in f".{node}."]
         missing = [f for f in plan.outputs() if not (settings.output_dir / f).exists()]
@@ -166,6 +167,14 @@ def run_participants(settings: Settings, plans) -> list[tuple[str, str]]:
                 (plan.asl_file, reasons[0] if reasons else "processing stopped before outputs")
             )
     return failures
+
+
+def _report_quality_warnings(settings: Settings, plan) -> None:
+    """Print the quality warnings a run wrote into its CBF sidecar (they must not go unseen)."""
+    sidecar = settings.output_dir / plan.out_dir / f"{plan.prefix}_cbf.json"
+    if sidecar.is_file():
+        for warning in json.loads(sidecar.read_text()).get("QualityWarnings", []):
+            LOGGER.warning("%s: %s", sidecar, warning)
 
 
 def _write_boilerplate(settings: Settings, paragraphs: Sequence[str]) -> None:

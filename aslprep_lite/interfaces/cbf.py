@@ -17,7 +17,13 @@ from nipype.interfaces.base import (
 from aslprep_lite.bids import RunPlan
 from aslprep_lite.images import load_image, save_image
 from aslprep_lite.quant import constants
-from aslprep_lite.quant.cbf import pasl_bolus_duration, pasl_cbf, pcasl_cbf, slice_delays
+from aslprep_lite.quant.cbf import (
+    implausible_cbf,
+    pasl_bolus_duration,
+    pasl_cbf,
+    pcasl_cbf,
+    slice_delays,
+)
 from aslprep_lite.quant.deltam import plan_subtraction, subtract
 
 
@@ -159,6 +165,9 @@ class ComputeCBF(SimpleInterface):
         timeseries = np.nan_to_num(timeseries, nan=0.0, posinf=0.0, neginf=0.0)
         mean = timeseries.mean(axis=3)
         meta["NumberOfVolumesAveraged"] = int(timeseries.shape[3])
+        bounds = constants.table()["plausible_cbf"]["values"]
+        warning = implausible_cbf(mean, mask, bounds["low"], bounds["high"])
+        meta["QualityWarnings"] = [warning] if warning else []
         meta["Quantification"] = params
 
         self._results["timeseries_file"] = save_image(

@@ -125,6 +125,26 @@ def pasl_cbf(
     return _safe_ratio(numerator, denominator)
 
 
+def implausible_cbf(cbf: ArrayLike, mask: ArrayLike, low: float, high: float) -> str | None:
+    """A warning when the median CBF within the brain mask is outside [low, high].
+
+    Grey-matter CBF in adults is ~40-100 mL/100 g/min; a median of thousands (or ~0) almost
+    always means ΔM and M0 are on different scales (e.g. GE product sequences, which store ΔM
+    and M0 with vendor scaling) or the wrong M0 was used. Returns None when plausible.
+    """
+    values = np.asarray(cbf)[np.asarray(mask, dtype=bool)]
+    if values.size == 0:
+        return "the brain mask is empty: CBF could not be checked"
+    median = float(np.median(values))
+    if low <= median <= high:
+        return None
+    return (
+        f"median CBF in the brain mask is {median:.4g} mL/100 g/min, outside the plausible "
+        f"{low:g}-{high:g}: check the M0 scaling (--m0-scale; GE product sequences scale ΔM and "
+        "M0 differently) and that the right M0 scan was used"
+    )
+
+
 def slice_delays(
     delay: ArrayLike, slice_timing: ArrayLike, *, ndim: int = 3, slice_axis: int = 2
 ) -> NDArray[np.float64]:
