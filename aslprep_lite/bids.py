@@ -375,16 +375,16 @@ def discover(
         )
     duplicates = _duplicate_runs(asl_files)
     plans: list[RunPlan] = []
-    failures: list[tuple[str, str]] = []
+    failures: list[tuple[str, str]] = [
+        (
+            group[0],
+            f"{group[0]}: {len(group)} ASL files share the entities "
+            f"{_prefix(Path(group[0]))}: keep one (.nii or .nii.gz)",
+        )
+        for group in duplicates
+    ]
     for asl_file in asl_files:
-        if asl_file in duplicates:
-            failures.append(
-                (
-                    asl_file,
-                    f"{asl_file}: two ASL files share the entities "
-                    f"{_prefix(Path(asl_file))}: keep one (.nii or .nii.gz)",
-                )
-            )
+        if any(asl_file in group for group in duplicates):
             continue
         try:
             plans.append(
@@ -406,12 +406,13 @@ def _prefix(asl_file: Path) -> str:
     return name[: name.rindex("_asl.nii")]
 
 
-def _duplicate_runs(asl_files: Iterable[str]) -> set[str]:
+def _duplicate_runs(asl_files: Iterable[str]) -> list[list[str]]:
+    """Groups of ASL files with the same entities (e.g. both .nii and .nii.gz)."""
     seen: dict[tuple[str, str], list[str]] = {}
     for path in asl_files:
         key = (str(Path(path).parent), _prefix(Path(path)))
         seen.setdefault(key, []).append(path)
-    return {p for paths in seen.values() if len(paths) > 1 for p in paths}
+    return [sorted(paths) for paths in seen.values() if len(paths) > 1]
 
 
 # --------------------------------------------------------------------------------------

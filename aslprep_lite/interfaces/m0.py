@@ -62,15 +62,23 @@ class PrepareM0(SimpleInterface):
                 m0_raw = m0_raw.mean(axis=3)
             _check_m0(m0_raw, plan["m0_file"])
             if "control" in context or "label" in context:
-                matrix = register_rigid(
-                    reference,
-                    img.affine,
-                    m0_raw,
-                    m0_img.affine,
-                    metric="mi",
-                    seed=self.inputs.seed,
-                    n_threads=self.inputs.n_threads,
-                )
+                try:
+                    matrix = register_rigid(
+                        reference,
+                        img.affine,
+                        m0_raw,
+                        m0_img.affine,
+                        metric="mi",
+                        seed=self.inputs.seed,
+                        n_threads=self.inputs.n_threads,
+                    )
+                except RuntimeError:  # ITK: no overlap, or no usable metric samples
+                    raise AslprepError(
+                        "cannot be aligned to the ASL reference (the images do not overlap "
+                        "in space): check that the M0 and the ASL series share a field of view "
+                        "and that their NIfTI affines are right",
+                        path=plan["m0_file"],
+                    ) from None
                 meta["Registration"] = (
                     "rigid to the ASL reference (SimpleITK, Mattes mutual information), "
                     "one cubic B-spline resampling onto the ASL grid"
