@@ -6,10 +6,14 @@ processes them all through nipype's MultiProc plugin.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nb
@@ -227,25 +231,36 @@ def test_dry_run_plans_without_processing(processed, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_run_fails_alone_with_one_line(processed, tmp_path):
+def test_bad_runs_fail_alone_with_one_line_each(tmp_path):
+    """One participant fails validation, one fails inside the graph: the third completes."""
     bids = tmp_path / "bids"
     write_dataset(
-        bids, [SyntheticSpec(subject="good", n_pairs=2), SyntheticSpec(subject="bad", n_pairs=2)]
+        bids,
+        [SyntheticSpec(subject=s, n_pairs=2) for s in ("good", "badmeta", "badm0")],
     )
-    sidecar = bids / "sub-bad" / "perf" / "sub-bad_asl.json"
+    sidecar = bids / "sub-badmeta" / "perf" / "sub-badmeta_asl.json"
     meta = json.loads(sidecar.read_text())
     meta["RepetitionTimePreparation"] = 0
     sidecar.write_text(json.dumps(meta))
-    result = run_cli(str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"))
+    m0_file = bids / "sub-badm0" / "perf" / "sub-badm0_m0scan.nii.gz"
+    m0 = nb.load(m0_file)
+    nb.Nifti1Image(np.zeros(m0.shape, np.float32), m0.affine).to_filename(m0_file)
+    result = run_cli(
+        str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
+        "--nprocs", "2",
+    )  # fmt: skip
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     errors = [
         line for line in result.stderr.splitlines() if line.startswith("aslprep-lite: error")
     ]
-    assert len(errors) == 1
-    assert "sub-bad_asl.json" in errors[0] and "'RepetitionTimePreparation'" in errors[0]
+    assert len(errors) == 2, result.stderr
+    assert any("sub-badmeta_asl.json" in e and "'RepetitionTimePreparation'" in e for e in errors)
+    assert any("sub-badm0_m0scan.nii.gz" in e and "no positive signal" in e for e in errors)
+    assert "1 run(s) processed, 2 failed" in result.stderr
     assert (tmp_path / "out" / "sub-good" / "perf" / "sub-good_cbf.nii.gz").is_file()
-    assert not (tmp_path / "out" / "sub-bad").exists()
+    assert not (tmp_path / "out" / "sub-badmeta").exists()
+    assert not (tmp_path / "out" / "sub-badm0").exists()
 
 
 def test_truncated_image_is_one_line(tmp_path):
@@ -296,3 +311,69 @@ def test_implausible_cbf_is_loud(tmp_path):
     assert "outside the plausible 5-200" in result.stderr
     sidecar = json.loads((tmp_path / "out" / "sub-01" / "perf" / "sub-01_cbf.json").read_text())
     assert "M0 scaling" in sidecar["QualityWarnings"][0]
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (dead, waiting to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
+def test_interrupted_run_resumes_identically(processed, tmp_path, signum):
+    """Kill a run midway, rerun with the same work directory: same bytes as a clean run."""
+    from aslprep_lite.cli.run import _descendants
+
+    base = processed["base"]
+    args = [
+        str(base / "bids"), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "work"),
+        "--participant-label", "pcasl", "pasl", "--nprocs", "2",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aslprep_lite", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # wait until nipype has started working, then interrupt
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "work").rglob("_node.pklz")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    workers = _descendants(proc.pid)
+    proc.send_signal(signum)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signum if signum == signal.SIGKILL else 128 + signum
+    if signum == signal.SIGTERM:
+        time.sleep(0.5)
+        assert not [pid for pid in workers if _alive(pid)]
+    else:  # SIGKILL cannot be caught: clean up the orphaned workers ourselves
+        for pid in workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    for subject in ("pcasl", "pasl"):
+        assert tree_digest(tmp_path / "out" / f"sub-{subject}" / "perf") == tree_digest(
+            _outputs(processed, subject)
+        )
+
+
+def test_rerun_replaces_stale_outputs(processed, tmp_path):
+    """A rerun into an existing output directory leaves no file of an earlier run behind."""
+    out = tmp_path / "out"
+    perf = out / "sub-pasl" / "perf"
+    perf.mkdir(parents=True)
+    stale = perf / "sub-pasl_desc-old_cbf.nii.gz"
+    stale.write_bytes(b"from an earlier version")
+    (perf / "sub-pasl_cbf.nii.gz").write_bytes(b"old")
+    result = run_cli(
+        str(processed["base"] / "bids"), str(out), "participant", "-w", str(tmp_path / "w"),
+        "--participant-label", "pasl",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert not stale.exists()
+    assert tree_digest(perf) == tree_digest(_outputs(processed, "pasl"))

@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from aslprep_lite.config import Settings, build_settings, check_writable
 from aslprep_lite.errors import AslprepError
 
 LOGGER = logging.getLogger("aslprep_lite")
+#: The process that installed the signal handlers (nipype's forked workers inherit them).
+_MAIN_PID = os.getpid()
 DEPENDENCIES = ("nipype", "pybids", "nibabel", "numpy", "scipy", "SimpleITK")
 
 
@@ -191,9 +194,50 @@ def _write_boilerplate(settings: Settings, paragraphs: Sequence[str]) -> None:
     write_atomic_text(settings.output_dir / "logs" / "CITATION.md", text)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Process ids of every descendant of ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _terminate(signum: int, _frame) -> None:
+    """On SIGTERM/SIGINT stop nipype's worker processes too, then exit (128 + signal).
+
+    Without this, MultiProc workers outlive an interrupted run and could race a rerun in the
+    same work directory. Outputs need no cleanup: they are only ever moved into place whole.
+    Forked workers inherit this handler; in them the signal takes its default action.
+    """
+    if os.getpid() != _MAIN_PID:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    for child in _descendants(os.getpid()):
+        try:
+            os.kill(child, signal.SIGTERM)
+        except OSError:
+            pass
+    print(f"aslprep-lite: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+    os._exit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run aslprep-lite; return the process exit code."""
     options = build_parser().parse_args(argv)
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     verbosity = options.verbose - options.quiet
     _setup_logging(verbosity)
     try:
@@ -203,9 +247,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verbosity > 0:
             raise
         return 1
-    except KeyboardInterrupt:
-        print("aslprep-lite: interrupted", file=sys.stderr)
-        return 130
     except Exception as err:
         if verbosity > 0:
             raise
