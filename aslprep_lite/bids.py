@@ -37,12 +37,27 @@ PER_VOLUME_FIELDS = ("PostLabelingDelay", "LabelingDuration", "RepetitionTimePre
 #: Derivative files every run writes (suffix part after the source entities).
 OUTPUT_SUFFIXES = (
     "cbf.nii.gz",
-    "desc-timeseries_cbf.nii.gz",
     "desc-mean_deltam.nii.gz",
     "desc-preproc_m0scan.nii.gz",
     "desc-brain_mask.nii.gz",
     "desc-confounds_timeseries.tsv",
 )
+#: Added for single-delay runs.
+SINGLE_DELAY_SUFFIXES = ("desc-timeseries_cbf.nii.gz",)
+#: Added for multi-delay runs (kinetic-model fit).
+MULTI_DELAY_SUFFIXES = (
+    "att.nii.gz",
+    "desc-stderr_cbf.nii.gz",
+    "desc-stderr_att.nii.gz",
+    "desc-fitrsquared_cbf.nii.gz",
+    "desc-fitfailed_mask.nii.gz",
+    "desc-longestdelay_cbf.nii.gz",
+)
+#: Written only when ATT is fitted (not with the weighted-delay method).
+FITTED_ONLY_SUFFIXES = ("desc-stderr_att.nii.gz", "desc-fitrsquared_cbf.nii.gz")
+#: Added for multi-delay runs fitted with the arterial (macrovascular) component.
+ARTERIAL_SUFFIXES = ("abv.nii.gz", "abat.nii.gz")
+ATT_METHODS = ("fit", "weighted-delay")
 
 
 @dataclass
@@ -82,6 +97,8 @@ class RunPlan:
     m0_estimate: float | None
     source_files: list[str]
     warnings: list[str] = field(default_factory=list)
+    att_method: str = "fit"
+    arterial_component: bool = False
 
     @property
     def volume_counts(self) -> dict[str, int]:
@@ -89,8 +106,30 @@ class RunPlan:
         return dict(Counter(self.context))
 
     @property
+    def delays(self) -> list[float]:
+        """Distinct post-labeling delays (inversion times for PASL) of the labeled volumes."""
+        return sorted(
+            {
+                d
+                for d, kind in zip(self.post_labeling_delay, self.context, strict=True)
+                if kind in LABELED_TYPES
+            }
+        )
+
+    @property
+    def is_multidelay(self) -> bool:
+        """More than one delay among the labeled volumes: the kinetic model is fitted."""
+        return len(self.delays) > 1
+
+    @property
     def model(self) -> str:
         """The quantification model this run uses."""
+        if self.is_multidelay:
+            kind = "multi-TI PASL" if self.asl_type == "PASL" else f"multi-delay {self.asl_type}"
+            return (
+                f"{kind}: general kinetic model (Buxton et al. 1998) fitted for CBF and arterial "
+                f"transit time over {len(self.delays)} delays"
+            )
         if self.asl_type == "PASL":
             return (
                 f"single-delay PASL with {self.bolus_cutoff_technique} bolus cut-off "
@@ -111,11 +150,16 @@ class RunPlan:
         """Derivative files this run writes, relative to the output directory."""
         base = os.path.join(self.out_dir, self.prefix)
         has_deltam = any(kind in ("control", "deltam") for kind in self.context)
-        return [
-            f"{base}_{suffix}"
-            for suffix in OUTPUT_SUFFIXES
-            if has_deltam or "deltam" not in suffix
-        ]
+        suffixes = [s for s in OUTPUT_SUFFIXES if has_deltam or "deltam" not in s]
+        if not self.is_multidelay:
+            suffixes += SINGLE_DELAY_SUFFIXES
+        else:
+            suffixes += MULTI_DELAY_SUFFIXES
+            if self.att_method == "weighted-delay":  # ATT is read off, not fitted
+                suffixes = [s for s in suffixes if s not in FITTED_ONLY_SUFFIXES]
+            elif self.arterial_component:
+                suffixes += ARTERIAL_SUFFIXES
+        return [f"{base}_{suffix}" for suffix in suffixes]
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-serialisable record (the node input and the ``--dry-run`` plan)."""
@@ -132,6 +176,14 @@ class RunPlan:
             "labeling": self.asl_type,
             "model": self.model,
             "post_labeling_delay": self.labeled_value("post_labeling_delay"),
+            "volumes_per_delay": {
+                f"{d:g}": sum(
+                    1
+                    for v, kind in zip(self.post_labeling_delay, self.context, strict=True)
+                    if v == d and kind in LABELED_TYPES
+                )
+                for d in self.delays
+            },
             "labeling_duration": self.labeled_value("labeling_duration"),
             "bolus_cutoff": (
                 {"technique": self.bolus_cutoff_technique, "delay": self.bolus_cutoff_delay}
@@ -332,6 +384,8 @@ def discover(
     bids_filters: dict[str, Any] | None = None,
     dummy_scans: int = 0,
     check_images: bool = True,
+    att_method: str = "fit",
+    arterial_component: bool = False,
 ) -> Discovery:
     """Find and validate every ASL run of the selected participants.
 
@@ -394,6 +448,8 @@ def discover(
                     bids_dir,
                     dummy_scans=dummy_scans,
                     check_images=check_images,
+                    att_method=att_method,
+                    arterial_component=arterial_component,
                 )
             )
         except AslprepError as err:
@@ -498,6 +554,8 @@ def plan_run(
     *,
     dummy_scans: int = 0,
     check_images: bool = True,
+    att_method: str = "fit",
+    arterial_component: bool = False,
 ) -> RunPlan:
     """Validate one ASL run's files and metadata into a :class:`RunPlan`."""
     entities = layout.parse_file_entities(str(asl_file))
@@ -644,26 +702,39 @@ def plan_run(
             path=str(aslcontext_file),
         )
     pld = pld_all[keep]
+    labeling_duration = labeling_duration[keep] if labeling_duration is not None else None
+    # A control and its label are one measurement: they must share their timing.
+    for key, values in (("PostLabelingDelay", pld), ("LabelingDuration", labeling_duration)):
+        if values is None:
+            continue
+        for c, lab in zip(subtraction.control, subtraction.label, strict=True):
+            if lab >= 0 and values[c] != values[lab]:
+                raise fields.error(
+                    key,
+                    f"differs within a control/label pair (volumes {min(c, lab) + dummy_scans} "
+                    f"and {max(c, lab) + dummy_scans}: {values[c]:g} vs {values[lab]:g})",
+                )
     labeled_plds = {p for p, kind in zip(pld, context, strict=True) if kind in LABELED_TYPES}
-    if len(labeled_plds) > 1:
+    if bolus_technique == "QUIPSS" and len(labeled_plds) > 1:
         raise fields.error(
-            "PostLabelingDelay",
-            f"has {len(labeled_plds)} distinct delays: multi-delay quantification is not "
-            "available in this version (single-delay runs only)",
+            "BolusCutOffTechnique",
+            "is QUIPSS with several inversion times: its bolus width changes with TI, which the "
+            "kinetic model does not describe (QUIPSS II and Q2TIPS are supported)",
         )
-    if labeling_duration is not None:
-        labeling_duration = labeling_duration[keep]
-        taus = {
-            t for t, kind in zip(labeling_duration, context, strict=True) if kind in LABELED_TYPES
-        }
-        if len(taus) > 1:
-            raise fields.error(
-                "LabelingDuration", f"has {len(taus)} distinct values among labeled volumes"
-            )
     if bolus_technique == "QUIPSS" and bolus_delay and min(labeled_plds) <= bolus_delay[0]:
         raise fields.error(
             "BolusCutOffDelayTime",
             "must be shorter than the inversion time (PostLabelingDelay) for QUIPSS",
+        )
+    if (
+        bolus_technique in ("QUIPSSII", "Q2TIPS")
+        and len(labeled_plds) == 1
+        and min(labeled_plds) <= bolus_delay[0]
+    ):
+        raise fields.error(
+            "PostLabelingDelay",
+            f"(the inversion time, {min(labeled_plds):g} s) must be longer than "
+            f"BolusCutOffDelayTime ({bolus_delay[0]:g} s) for single-delay {bolus_technique}",
         )
     repetition_time = tr_all[keep]
 
@@ -713,6 +784,8 @@ def plan_run(
         m0_estimate=m0_estimate,
         source_files=["bids:raw:" + os.path.relpath(p, bids_dir) for p in sources],
         warnings=warnings,
+        att_method=att_method,
+        arterial_component=arterial_component,
     )
     for message in warnings:
         LOGGER.warning("%s: %s", sidecar, message)

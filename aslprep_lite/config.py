@@ -33,6 +33,8 @@ class Settings:
     m0_scale: float = 1.0
     smooth_kernel: float = 5.0
     dummy_scans: int = 0
+    att_method: str = "fit"
+    arterial_component: bool = False
     dry_run: bool = False
     stop_on_first_crash: bool = False
     plugin: str | None = None
@@ -121,6 +123,8 @@ def build_settings(options: Any) -> Settings:
         m0_scale=options.m0_scale,
         smooth_kernel=options.smooth_kernel,
         dummy_scans=options.dummy_scans,
+        att_method=options.att_method,
+        arterial_component=options.arterial_component,
         dry_run=options.dry_run,
         stop_on_first_crash=options.stop_on_first_crash,
         plugin=plugin,

@@ -48,6 +48,25 @@ T1gm = 1.197 / 1.607 / 1.939 s at 1.5 / 3 / 7 T. The 5 s threshold mirrors the p
 corrects the M0 for incomplete recovery only below 5 s (consensus paper), so that the truth
 stays consistent with what a correct pipeline computes.
 
+Multi-delay series
+------------------
+With ``plds`` set, the series cycles through the delays: pair 1 at ``plds[0]``, pair 2 at
+``plds[1]``, ..., then again, ``n_pairs`` pairs per delay (``TotalAcquiredPairs`` is
+``n_pairs * len(plds)``), and ``PostLabelingDelay`` is written per volume (0 for an included
+M0). dM of each volume is then the Buxton general kinetic model (Buxton et al. 1998, MRM
+40:383) of :func:`aslprep_lite.quant.kinetic.tissue_signal` with T1' = T1b, labeling duration
+``labeling_duration`` ((P)CASL) or bolus TI1 (PASL, QUIPSS II or Q2TIPS), and the arterial
+transit time (ATT) map::
+
+    ATT = (gm_cbf f_GM gm_att + wm_cbf f_WM wm_att) / (gm_cbf f_GM + wm_cbf f_WM)
+
+i.e. every voxel is one well-mixed compartment with the flow-weighted mean ATT of its tissues
+(a real partial-volume voxel would hold two curves; one compartment keeps the truth exactly
+representable by the fitted model). Once all the label has arrived (PLD >= ATT) the model
+equals the single-delay formulas above. That module's equations are checked against hand
+values in ``tests/test_kinetic.py``; ``tests/test_synthetic.py`` checks the written data
+against its own closed form. The single-delay path (``plds`` None) does not use it.
+
 Rigid motion (``motion_mm > 0``) is a smooth random drift plus one or two single-volume spikes,
 all six parameters bounded by ``motion_mm`` (mm for translations, degrees for rotations), with
 the first volume of the series unmoved. The slice-timing factor is applied after the motion,
@@ -148,6 +167,11 @@ class SyntheticSpec:
         True CBF of pure GM and pure WM (mL/100 g/min).
     seed : int
         Seed of the random generator (motion and noise).
+    plds : tuple of float or None
+        Multi-delay series: the PLDs (PASL: TIs) the series cycles through, ``n_pairs``
+        pairs at each (see the module docstring). ``pld`` is then ignored. None: single delay.
+    gm_att, wm_att : float
+        Arterial transit time of pure GM and pure WM (s); used only when ``plds`` is set.
     """
 
     subject: str = "01"
@@ -176,11 +200,17 @@ class SyntheticSpec:
     gm_cbf: float = 60.0
     wm_cbf: float = 20.0
     seed: int = 0
+    plds: tuple[float, ...] | None = None
+    gm_att: float = 1.2
+    wm_att: float = 1.6
 
     def __post_init__(self) -> None:
         # Lists would make the frozen spec unhashable; normalise them to tuples.
         object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
         object.__setattr__(self, "zooms", tuple(float(z) for z in self.zooms))
+        if self.plds is not None:
+            object.__setattr__(self, "plds", tuple(float(d) for d in self.plds))
+        delays = self.delays
         checks = [
             (self.asl_type in _ASL_TYPES, f"asl_type must be one of {_ASL_TYPES}"),
             (self.m0_type in _M0_TYPES, f"m0_type must be one of {_M0_TYPES}"),
@@ -194,10 +224,18 @@ class SyntheticSpec:
             (self.n_pairs >= 1, "n_pairs must be >= 1"),
             (self.bs_pulses >= 0, "bs_pulses must be >= 0"),
             (self.pld > 0 and self.labeling_duration > 0, "pld and labeling_duration must be > 0"),
+            (len(delays) >= 1 and min(delays) > 0, "plds must be a non-empty tuple of delays > 0"),
+            (self.gm_att >= 0 and self.wm_att >= 0, "gm_att and wm_att must be >= 0"),
+            (
+                self.plds is None
+                or self.asl_type != "PASL"
+                or self.bolus_cutoff_technique != "QUIPSS",
+                "multi-delay PASL needs a QUIPSSII or Q2TIPS bolus (a fixed bolus duration TI1)",
+            ),
             (self.m0_tr > 0 and self.m0_estimate > 0, "m0_tr and m0_estimate must be > 0"),
             (self.motion_mm >= 0 and self.noise >= 0, "motion_mm and noise must be >= 0"),
             (
-                self.asl_type != "PASL" or 0 < self.bolus_cutoff_delay < self.pld,
+                self.asl_type != "PASL" or 0 < self.bolus_cutoff_delay < min(delays),
                 "PASL needs 0 < bolus_cutoff_delay (TI1) < pld (TI)",
             ),
             (
@@ -212,6 +250,11 @@ class SyntheticSpec:
             if not ok:
                 raise ValueError(f"SyntheticSpec: {message}")
         _lookup_field(_BLOOD_T1, self.field_strength)  # fails early on an untabulated field
+
+    @property
+    def delays(self) -> tuple[float, ...]:
+        """The delays of the series: ``plds``, or ``(pld,)`` for a single-delay series."""
+        return (self.pld,) if self.plds is None else self.plds
 
     @property
     def stem(self) -> str:
@@ -255,6 +298,10 @@ class SyntheticTruth:
         The written ``*_asl.nii.gz``.
     spec : SyntheticSpec
         The spec the series was made from.
+    att : numpy.ndarray or None
+        (X, Y, Z) true arterial transit time (s) of a multi-delay series (the flow-weighted
+        mean of ``gm_att`` and ``wm_att``, NaN where the true CBF is 0); None for a
+        single-delay series, whose model has no transit time.
     """
 
     cbf: np.ndarray
@@ -265,6 +312,7 @@ class SyntheticTruth:
     motion: np.ndarray
     asl_file: Path
     spec: SyntheticSpec
+    att: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,6 +362,56 @@ def _kinetic_factor(spec: SyntheticSpec) -> np.ndarray:
         tau = spec.labeling_duration
         factor = 2.0 * alpha * t1b * (1.0 - np.exp(-tau / t1b)) * np.exp(-delay / t1b)
     return factor / (_UNIT * _LAMBDA)
+
+
+def _att_map(spec: SyntheticSpec, fractions: dict[str, np.ndarray]) -> np.ndarray:
+    """Flow-weighted mean ATT of GM and WM; NaN where no blood flows (see the docstring)."""
+    gm_flow = spec.gm_cbf * fractions["gm"]
+    wm_flow = spec.wm_cbf * fractions["wm"]
+    flow = gm_flow + wm_flow
+    weighted = gm_flow * spec.gm_att + wm_flow * spec.wm_att
+    out = np.full(flow.shape, np.nan)
+    np.divide(weighted, flow, out=out, where=flow > 0)
+    return out
+
+
+def _multidelay_maps(
+    spec: SyntheticSpec, cbf: np.ndarray, att: np.ndarray, m0_for_dm: np.ndarray
+) -> dict[tuple[int, int], np.ndarray]:
+    """Reference-frame dM map for each delay index and each acquisition slice.
+
+    Key ``(i, z)``: dM of the whole volume as slice ``z`` sees it at delay ``plds[i]`` (its
+    effective delay is ``plds[i] + SliceTiming[z]``); a moved volume takes slice ``z`` from
+    the moved map ``(i, z)``. For a 3D readout every slice has the same map, key ``(i, -1)``.
+    """
+    # Imported here: the kinetic model is only needed for multi-delay series.
+    from aslprep_lite.quant.kinetic import tissue_signal
+
+    t1b = _lookup_field(_BLOOD_T1, spec.field_strength)
+    duration = spec.bolus_cutoff_delay if spec.asl_type == "PASL" else spec.labeling_duration
+    # ATT is moot where CBF is 0; any finite value keeps dM = 0 there.
+    att = np.nan_to_num(att, nan=0.0)
+    offsets = _slice_times(spec) if spec.slice_timing else np.zeros(1)
+    delays = np.asarray(spec.plds)[:, None] + offsets[None, :]  # (n_delays, Z or 1)
+    signal = tissue_signal(
+        cbf[..., None],
+        att[..., None],
+        delays,
+        duration,
+        asl_type=spec.asl_type,
+        t1_blood=t1b,
+        labeling_efficiency=_labeling_efficiency(spec),
+        partition_coefficient=_LAMBDA,
+        m0=m0_for_dm[..., None],
+    )  # (X, Y, Z, n_delays, Z or 1)
+    maps = {}
+    for i in range(len(spec.plds)):
+        if spec.slice_timing:
+            for z in range(offsets.size):
+                maps[(i, z)] = signal[..., i, z]
+        else:
+            maps[(i, -1)] = signal[..., i, 0]
+    return maps
 
 
 def _saturation(tr: float, field_strength: float) -> float:
@@ -441,10 +539,24 @@ class _Mover:
 # --------------------------------------------------------------------------------------------
 def _volume_types(spec: SyntheticSpec) -> list[str]:
     types = ["m0scan"] if spec.m0_type == "Included" else []
+    n_pairs = spec.n_pairs * len(spec.delays)
     if spec.deltam_only:
-        return types + ["deltam"] * spec.n_pairs
+        return types + ["deltam"] * n_pairs
     pair = ["control", "label"] if spec.order == "control-first" else ["label", "control"]
-    return types + pair * spec.n_pairs
+    return types + pair * n_pairs
+
+
+def _volume_delays(spec: SyntheticSpec) -> list[int]:
+    """Index into ``spec.delays`` of every volume (-1 for an included M0).
+
+    The series cycles through the delays one pair (or one deltam volume) at a time.
+    """
+    per_pair = 1 if spec.deltam_only else 2
+    head = [-1] if spec.m0_type == "Included" else []
+    n_delays = len(spec.delays)
+    return head + [
+        (pair % n_delays) for pair in range(spec.n_pairs * n_delays) for _ in range(per_pair)
+    ]
 
 
 def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, tr: float | None) -> None:
@@ -476,7 +588,7 @@ def _asl_metadata(spec: SyntheticSpec, slice_times: np.ndarray) -> dict:
         "PostLabelingDelay": spec.pld,
         "BackgroundSuppression": spec.background_suppression,
         "M0Type": spec.m0_type,
-        "TotalAcquiredPairs": spec.n_pairs,
+        "TotalAcquiredPairs": spec.n_pairs * len(spec.delays),
         "RepetitionTimePreparation": _ASL_TR,
         "VascularCrushing": False,
     }
@@ -485,6 +597,11 @@ def _asl_metadata(spec: SyntheticSpec, slice_times: np.ndarray) -> dict:
         meta["RepetitionTimePreparation"] = [spec.m0_tr] + [_ASL_TR] * (
             len(_volume_types(spec)) - 1
         )
+    if spec.plds is not None:
+        # One value per volume (BIDS), 0 for an included M0 image.
+        meta["PostLabelingDelay"] = [
+            0.0 if index < 0 else spec.plds[index] for index in _volume_delays(spec)
+        ]
     if spec.background_suppression:
         meta["BackgroundSuppressionNumberPulses"] = spec.bs_pulses
     if spec.asl_type == "PASL":
@@ -536,7 +653,26 @@ def _write_series(root: Path, spec: SyntheticSpec) -> SyntheticTruth:
 
     types = _volume_types(spec)
     motion = _motion(len(types), spec.motion_mm, motion_rng)
-    mover = _Mover(affine, {"control": control, "dm": cbf * m0_for_dm, "m0": m0_written})
+    maps: dict = {"control": control, "dm": cbf * m0_for_dm, "m0": m0_written}
+    att = None
+    if spec.plds is not None:
+        att = _att_map(spec, fractions)
+        maps.pop("dm")
+        maps.update(_multidelay_maps(spec, cbf, att, m0_for_dm))
+    mover = _Mover(affine, maps)
+
+    def delta_m(index: int, world: np.ndarray) -> np.ndarray:
+        """dM of volume ``index`` in its acquisition frame."""
+        if spec.plds is None:  # the kinetic factor broadcasts over the slice axis
+            return mover("dm", world) * kinetic
+        delay = _volume_delays(spec)[index]
+        if not spec.slice_timing:
+            return mover((delay, -1), world)
+        out = np.empty(spec.shape)
+        for z in range(spec.shape[2]):
+            out[..., z] = mover((delay, z), world)[..., z]
+        return out
+
     volumes = np.empty((*spec.shape, len(types)), dtype=np.float64)
     for index, (kind, world) in enumerate(zip(types, motion, strict=True)):
         if kind == "m0scan":
@@ -544,9 +680,9 @@ def _write_series(root: Path, spec: SyntheticSpec) -> SyntheticTruth:
         elif kind == "control":
             volumes[..., index] = mover("control", world)
         elif kind == "label":
-            volumes[..., index] = mover("control", world) - mover("dm", world) * kinetic
-        else:  # deltam; the kinetic factor broadcasts over the slice axis
-            volumes[..., index] = mover("dm", world) * kinetic
+            volumes[..., index] = mover("control", world) - delta_m(index, world)
+        else:
+            volumes[..., index] = delta_m(index, world)
     noise_sd = np.array([sd * np.sqrt(2.0) if kind == "deltam" else sd for kind in types])
     volumes += noise_rng.normal(size=volumes.shape) * noise_sd
 
@@ -585,6 +721,7 @@ def _write_series(root: Path, spec: SyntheticSpec) -> SyntheticTruth:
         motion=frozen(motion),
         asl_file=asl_file,
         spec=spec,
+        att=None if att is None else frozen(att),
     )
 
 

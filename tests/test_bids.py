@@ -106,7 +106,11 @@ def test_manufacturer_is_optional_and_ms_hint(tmp_path):
         ({"PostLabelingDelay": "1.8"}, "PostLabelingDelay", "number"),
         ({"PostLabelingDelay": -1.8}, "PostLabelingDelay", "negative"),
         ({"PostLabelingDelay": [1.8, 1.8, 1.8]}, "PostLabelingDelay", "3 values"),
-        ({"PostLabelingDelay": [1.5, 1.5, 2.0, 2.0]}, "PostLabelingDelay", "multi-delay"),
+        (
+            {"PostLabelingDelay": [1.5, 2.0, 1.5, 2.0]},
+            "PostLabelingDelay",
+            "within a control/label pair",
+        ),
         ({"BackgroundSuppression": None}, "BackgroundSuppression", "missing"),
         ({"BackgroundSuppression": "yes"}, "BackgroundSuppression", "true or false"),
         ({"M0Type": None}, "M0Type", "missing"),
@@ -207,12 +211,36 @@ def test_bids_examples_single_delay_plans(bids_examples):
     assert plans["asl005"].m0_file.endswith("perf/sub-Sub103_m0scan.nii.gz")
 
 
-def test_bids_examples_multi_delay_refused_clearly(bids_examples):
-    for name, n_delays in (("asl003", 10), ("asl004", 6), ("2d_mb_pcasl", 5)):
+def test_bids_examples_multi_delay_plans(bids_examples):
+    plans = {}
+    for name in ("asl003", "asl004", "2d_mb_pcasl"):
         result = discover(bids_examples / name, check_images=False)
-        (failure,) = result.failures
-        assert f"{n_delays} distinct delays" in failure[1]
-        assert "_asl.json" in failure[1]
+        assert not result.failures, result.failures
+        (plans[name],) = result.plans
+    # Siemens PASL FAIR Q2TIPS: 10 inversion times, label first, BolusCutOffDelayTime [TI1, TI1s]
+    pasl = plans["asl003"]
+    assert pasl.is_multidelay and len(pasl.delays) == 10
+    assert pasl.bolus_cutoff_technique == "Q2TIPS" and pasl.bolus_cutoff_delay == [0.7, 1.6]
+    assert pasl.model.startswith("multi-TI PASL")
+    # 6 PLDs with 16 volumes each; the reverse-PE m0scan under fmap/ is not the M0
+    pcasl = plans["asl004"]
+    assert pcasl.delays == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+    assert set(pcasl.summary()["volumes_per_delay"].values()) == {16}
+    assert pcasl.labeling_efficiency == 0.88
+    assert "/perf/" in pcasl.m0_file and "dir-pa" not in pcasl.m0_file
+    # HCP-Aging: 5 PLDs with unequal repeats, noRF and m0scan volumes inside the series
+    hcp = plans["2d_mb_pcasl"]
+    assert hcp.summary()["volumes_per_delay"] == {
+        "0.2": 12,
+        "0.7": 12,
+        "1.2": 12,
+        "1.7": 20,
+        "2.2": 30,
+    }
+    assert hcp.volume_counts == {"label": 43, "control": 43, "noRF": 2, "m0scan": 2}
+    assert hcp.m0_type == "Included" and hcp.m0_repetition_time == 8.0
+    assert hcp.slice_timing and len(hcp.slice_timing) == 60
+    assert any(suffix.endswith("_att.nii.gz") for suffix in hcp.outputs())
 
 
 def test_bids_examples_images_are_placeholders(bids_examples):

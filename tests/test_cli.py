@@ -59,18 +59,50 @@ SCENARIOS = {
     ),
     "estimate": SyntheticSpec(subject="estimate", m0_type="Estimate"),
     "absent": SyntheticSpec(subject="absent", m0_type="Absent"),
+    # multi-delay PCASL (asl004-like: 6 PLDs, τ 1.4 s), background suppression, motion
+    "multipld": SyntheticSpec(
+        subject="multipld",
+        plds=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5),
+        labeling_duration=1.4,
+        n_pairs=3,
+        background_suppression=True,
+        bs_pulses=2,
+        motion_mm=0.5,
+    ),
+    # multi-TI PASL with Q2TIPS and the M0 in the series, label first
+    "multiti": SyntheticSpec(
+        subject="multiti",
+        asl_type="PASL",
+        bolus_cutoff_technique="Q2TIPS",
+        bolus_cutoff_delay=0.7,
+        plds=(0.8, 1.1, 1.4, 1.7, 2.0, 2.3, 2.6),
+        n_pairs=3,
+        m0_type="Included",
+        order="label-first",
+    ),
 }
+MULTI_DELAY = ("multipld", "multiti")
+#: Mean grey-matter ATT must be within this many seconds of the truth.
+ATT_TOLERANCE = 0.1
 
 OUTPUTS = (
     "cbf.nii.gz",
     "cbf.json",
-    "desc-timeseries_cbf.nii.gz",
-    "desc-timeseries_cbf.json",
     "desc-mean_deltam.nii.gz",
     "desc-preproc_m0scan.nii.gz",
     "desc-brain_mask.nii.gz",
     "desc-confounds_timeseries.tsv",
     "desc-confounds_timeseries.json",
+)
+SINGLE_DELAY_OUTPUTS = ("desc-timeseries_cbf.nii.gz", "desc-timeseries_cbf.json")
+MULTI_DELAY_OUTPUTS = (
+    "att.nii.gz",
+    "att.json",
+    "desc-stderr_cbf.nii.gz",
+    "desc-stderr_att.nii.gz",
+    "desc-fitrsquared_cbf.nii.gz",
+    "desc-fitfailed_mask.nii.gz",
+    "desc-longestdelay_cbf.nii.gz",
 )
 
 
@@ -117,7 +149,8 @@ def test_exit_code_and_files(processed):
     assert result.returncode == 0, result.stderr
     for subject in SCENARIOS:
         perf = _outputs(processed, subject)
-        for suffix in OUTPUTS:
+        extra = MULTI_DELAY_OUTPUTS if subject in MULTI_DELAY else SINGLE_DELAY_OUTPUTS
+        for suffix in OUTPUTS + extra:
             assert (perf / f"sub-{subject}_{suffix}").is_file(), (subject, suffix)
     assert not list((processed["base"] / "out").rglob("*.tmp"))
     assert not (processed["base"] / "out" / ".aslprep_lite-staging").exists()
@@ -132,6 +165,36 @@ def test_grey_matter_cbf_recovered(processed, subject):
     assert gm.sum() > 50
     estimate, expected = cbf[gm].mean(), truth.cbf[gm].mean()
     assert estimate == pytest.approx(expected, rel=GM_TOLERANCE), (subject, estimate, expected)
+
+
+@pytest.mark.parametrize("subject", MULTI_DELAY)
+def test_multidelay_fit(processed, subject):
+    truth = processed["truth"][subject]
+    perf = _outputs(processed, subject)
+    gm = truth.gm_mask
+    att = nb.load(perf / f"sub-{subject}_att.nii.gz").get_fdata()
+    assert np.isfinite(att).all()
+    assert att[gm].mean() == pytest.approx(np.nanmean(truth.att[gm]), abs=ATT_TOLERANCE)
+    failed = nb.load(perf / f"sub-{subject}_desc-fitfailed_mask.nii.gz").get_fdata() > 0
+    assert failed[gm].mean() < 0.05
+    stderr = nb.load(perf / f"sub-{subject}_desc-stderr_cbf.nii.gz").get_fdata()
+    assert 0 < np.median(stderr[gm]) < 0.5 * truth.cbf[gm].mean()
+    meta = json.loads((perf / f"sub-{subject}_cbf.json").read_text())
+    assert meta["Model"].startswith("multi-")
+    assert len(meta["VolumesPerDelay"]) in (6, 7)
+    assert meta["ATTMethod"] == "fit"
+    assert json.loads((perf / f"sub-{subject}_att.json").read_text())["Units"] == "s"
+    assert not (perf / f"sub-{subject}_desc-timeseries_cbf.nii.gz").exists()
+
+
+def test_dry_run_bids_examples(bids_examples, tmp_path):
+    result = run_cli(
+        str(bids_examples / "asl004"), str(tmp_path / "out"), "participant", "--dry-run"
+    )
+    assert result.returncode == 0, result.stderr
+    (run,) = json.loads(result.stdout)["runs"]
+    assert run["model"].startswith("multi-delay PCASL: general kinetic model")
+    assert run["volumes_per_delay"] == {f"{d:g}": 16 for d in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)}
 
 
 def test_input_dataset_untouched(processed):

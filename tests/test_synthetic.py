@@ -297,3 +297,119 @@ def test_constants_agree_with_pipeline_table() -> None:
     )
     assert table["m0_tr_threshold"]["value"] == synthetic._M0_TR_THRESHOLD
     assert table["field_strength_tolerance"]["value"] == synthetic._FIELD_TOLERANCE
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-delay series
+# --------------------------------------------------------------------------------------------
+def _buxton(kind: str, cbf: float, m0: float, att: float, delay: float, bolus: float) -> float:
+    """Buxton et al. 1998 with T1' = T1b, written out here independently of quant.kinetic.
+
+    (P)CASL (delay = PLD, t = τ + PLD), α 0.85; PASL (delay = TI = t, bolus TI1), α 0.98.
+    """
+    alpha = 0.85 if kind == "PCASL" else 0.98
+    scale = 2 * alpha * cbf * m0 / (6000 * LAMBDA)
+    t = delay + (bolus if kind == "PCASL" else 0.0)
+    if t < att:
+        return 0.0
+    if kind == "PCASL":
+        if t < att + bolus:  # rising: the bolus is still arriving
+            return scale * T1B_3T * np.exp(-att / T1B_3T) * (1 - np.exp(-(t - att) / T1B_3T))
+        return scale * T1B_3T * np.exp(-delay / T1B_3T) * (1 - np.exp(-bolus / T1B_3T))
+    return scale * min(t - att, bolus) * np.exp(-t / T1B_3T)
+
+
+def _delta_m_by_delay(truth: SyntheticTruth) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ΔM per distinct delay (X, Y, Z, D) of a written multi-delay series."""
+    data, types = _series(truth)
+    meta = json.loads(truth.asl_file.with_name(f"{truth.spec.stem}_asl.json").read_text())
+    kinds, delays = np.array(types), np.array(meta["PostLabelingDelay"])
+    distinct = np.unique(delays[kinds != "m0scan"])
+    out = []
+    for delay in distinct:
+        at = delays == delay
+        if "deltam" in types:
+            out.append(data[..., at & (kinds == "deltam")].mean(-1))
+        else:
+            control = data[..., at & (kinds == "control")].mean(-1)
+            out.append(control - data[..., at & (kinds == "label")].mean(-1))
+    return distinct, np.stack(out, axis=-1)
+
+
+def test_multidelay_pcasl_matches_buxton(tmp_path: Path) -> None:
+    spec = SyntheticSpec(
+        plds=(0.25, 0.75, 1.25, 2.0),
+        labeling_duration=1.4,
+        n_pairs=2,
+        m0_type="Included",
+        noise=0.0,
+    )
+    (truth,) = write_dataset(tmp_path, [spec])
+    _, types = _series(truth)
+    assert types == ["m0scan"] + ["control", "label"] * 8
+    meta = json.loads(truth.asl_file.with_name("sub-01_asl.json").read_text())
+    # The series cycles through the delays one pair at a time; the M0 volume has delay 0.
+    cycle = [0.25, 0.25, 0.75, 0.75, 1.25, 1.25, 2.0, 2.0]
+    assert meta["PostLabelingDelay"] == [0.0, *cycle, *cycle]
+    assert meta["TotalAcquiredPairs"] == 8
+    assert meta["LabelingDuration"] == 1.4
+
+    # ATT: flow-weighted GM/WM mean, 1.2 s in pure GM; a >= 90 % GM voxel is within
+    # (60*0.9*1.2 + 20*0.1*1.6) / (60*0.9 + 20*0.1) = 1.2143 s.
+    gm = truth.gm_mask
+    assert truth.att is not None
+    assert np.all((truth.att[gm] > 1.2 - 1e-12) & (truth.att[gm] < 1.2143))
+    assert np.isnan(truth.att[truth.cbf == 0]).all()
+    assert 1.2 - 1e-12 < np.nanmin(truth.att) and np.nanmax(truth.att) < 1.6 + 1e-12
+
+    delays, delta_m = _delta_m_by_delay(truth)
+    np.testing.assert_allclose(delays, [0.25, 0.75, 1.25, 2.0])
+    for voxel in [tuple(v) for v in np.argwhere(gm)[:5]]:
+        cbf, m0, att = truth.cbf[voxel], truth.m0[voxel], truth.att[voxel]
+        expected = [_buxton("PCASL", cbf, m0, att, d, 1.4) for d in delays]
+        # PLD 0.25, 0.75 are before arrival of the bolus end (rising), 1.25 and 2.0 after it.
+        np.testing.assert_allclose(delta_m[voxel], expected, rtol=1e-4)
+        assert delta_m[voxel][0] < delta_m[voxel][1] < delta_m[voxel][2]
+
+
+def test_multidelay_pasl_slice_timing(tmp_path: Path) -> None:
+    spec = SyntheticSpec(
+        asl_type="PASL",
+        plds=(0.6, 1.4, 2.0),
+        bolus_cutoff_technique="Q2TIPS",
+        bolus_cutoff_delay=0.5,
+        gm_att=0.8,
+        wm_att=1.0,
+        deltam_only=True,
+        slice_timing=True,
+        n_pairs=2,
+        noise=0.0,
+    )
+    (truth,) = write_dataset(tmp_path, [spec])
+    meta = json.loads(truth.asl_file.with_name("sub-01_asl.json").read_text())
+    assert meta["PostLabelingDelay"] == [0.6, 1.4, 2.0, 0.6, 1.4, 2.0]
+    slice_timing = np.array(meta["SliceTiming"])
+    delays, delta_m = _delta_m_by_delay(truth)
+    for voxel in [tuple(v) for v in np.argwhere(truth.gm_mask)[::7]]:
+        cbf, m0, att = truth.cbf[voxel], truth.m0[voxel], truth.att[voxel]
+        # Effective TI of a 2D slice: TI + SliceTiming[z].
+        expected = [_buxton("PASL", cbf, m0, att, d + slice_timing[voxel[2]], 0.5) for d in delays]
+        np.testing.assert_allclose(delta_m[voxel], expected, rtol=1e-4, atol=1e-9)
+
+
+def test_single_delay_has_no_att_and_multidelay_validation() -> None:
+    spec = SyntheticSpec(plds=[1.0, 2.0])  # type: ignore[arg-type]
+    assert spec.plds == (1.0, 2.0) and spec.delays == (1.0, 2.0)
+    assert {spec: 1}[SyntheticSpec(plds=(1.0, 2.0))] == 1
+    assert SyntheticSpec().delays == (1.8,)
+    with pytest.raises(ValueError, match="plds"):
+        SyntheticSpec(plds=())
+    with pytest.raises(ValueError, match="QUIPSSII or Q2TIPS"):
+        SyntheticSpec(asl_type="PASL", plds=(1.0, 2.0), bolus_cutoff_technique="QUIPSS")
+    with pytest.raises(ValueError, match="TI1"):
+        SyntheticSpec(asl_type="PASL", plds=(0.6, 2.0), bolus_cutoff_delay=0.8)
+
+
+def test_single_delay_truth_has_no_att(tmp_path: Path) -> None:
+    (truth,) = write_dataset(tmp_path, [SyntheticSpec(n_pairs=1)])
+    assert truth.att is None

@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="discard the first N volumes of each ASL series (non-steady state)",
     )
     proc.add_argument(
+        "--att-method",
+        choices=["fit", "weighted-delay"],
+        default="fit",
+        help="multi-delay runs: arterial transit time by the kinetic-model fit, or by the "
+        "weighted delay (Dai et al. 2012) with CBF then fitted at that ATT",
+    )
+    proc.add_argument(
+        "--arterial-component",
+        action="store_true",
+        help="multi-delay runs: also fit a macrovascular (arterial) component, giving arterial "
+        "blood volume (aBV) and its arrival time (aBAT)",
+    )
+    proc.add_argument(
         "--dry-run",
         action="store_true",
         help="validate the data and print the per-run plan as JSON; process nothing",

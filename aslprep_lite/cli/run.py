@@ -270,6 +270,8 @@ def _main(options) -> int:
         bids_filters=settings.bids_filters,
         dummy_scans=settings.dummy_scans,
         check_images=not settings.dry_run,
+        att_method=settings.att_method,
+        arterial_component=settings.arterial_component,
     )
     failures = list(discovery.failures)
     if settings.dry_run:
@@ -277,7 +279,10 @@ def _main(options) -> int:
             "runs": [p.summary() for p in discovery.plans],
             "failures": [{"asl_file": f, "error": msg} for f, msg in failures],
         }
-        print(json.dumps(plan, indent=2))
+        try:
+            print(json.dumps(plan, indent=2))
+        except BrokenPipeError:  # e.g. piped into `head`: the reader has what it wanted
+            sys.stderr.close()
         return 1 if failures else 0
     if settings.analysis_level == "group":
         LOGGER.info("the group level has nothing to do in this version")

@@ -29,7 +29,7 @@ class _WriteInputSpec(BaseInterfaceInputSpec):
     plan = traits.Dict(mandatory=True, desc="RunPlan.as_dict() of the run")
     output_dir = traits.Str(mandatory=True, desc="root of the derivatives dataset")
     cbf = File(exists=True, mandatory=True)
-    cbf_timeseries = File(exists=True, mandatory=True)
+    cbf_timeseries = File(exists=True, desc="single-delay runs only")
     mean_deltam = File(desc="absent for cbf-only series")
     m0 = File(exists=True, mandatory=True)
     mask = File(exists=True, mandatory=True)
@@ -38,6 +38,8 @@ class _WriteInputSpec(BaseInterfaceInputSpec):
     m0_metadata = traits.Dict(mandatory=True)
     confounds_metadata = traits.Dict(mandatory=True)
     settings = traits.Dict(mandatory=True, desc="processing settings recorded in sidecars")
+    maps = traits.Dict(desc="{suffix: file} of further parameter maps (multi-delay fit)")
+    maps_metadata = traits.Dict(desc="{suffix: sidecar} of those maps")
 
 
 class _WriteOutputSpec(TraitedSpec):
@@ -79,16 +81,6 @@ class WriteDerivatives(SimpleInterface):
                     "M0": m0_meta,
                 },
             ),
-            "desc-timeseries_cbf.nii.gz": (
-                self.inputs.cbf_timeseries,
-                np.float32,
-                {
-                    "Units": "mL/100 g/min",
-                    "Description": "Cerebral blood flow of each ΔM volume",
-                    **quant,
-                    "M0": m0_meta,
-                },
-            ),
             "desc-preproc_m0scan.nii.gz": (
                 self.inputs.m0,
                 np.float32,
@@ -109,6 +101,20 @@ class WriteDerivatives(SimpleInterface):
                 self.inputs.confounds_metadata,
             ),
         }
+        if self.inputs.cbf_timeseries:
+            files["desc-timeseries_cbf.nii.gz"] = (
+                self.inputs.cbf_timeseries,
+                np.float32,
+                {
+                    "Units": "mL/100 g/min",
+                    "Description": "Cerebral blood flow of each ΔM volume",
+                    **quant,
+                    "M0": m0_meta,
+                },
+            )
+        for suffix, src in (self.inputs.maps or {}).items():
+            dtype = np.uint8 if suffix.endswith("_mask.nii.gz") else np.float32
+            files[suffix] = (src, dtype, self.inputs.maps_metadata[suffix])
         if self.inputs.mean_deltam:
             files["desc-mean_deltam.nii.gz"] = (
                 self.inputs.mean_deltam,

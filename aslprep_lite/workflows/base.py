@@ -31,6 +31,8 @@ def processing_parameters(settings: Settings) -> dict[str, Any]:
         "M0Scale": settings.m0_scale,
         "M0SmoothingFWHM": settings.smooth_kernel,
         "DummyScans": settings.dummy_scans,
+        "ATTMethod": settings.att_method,
+        "ArterialComponent": settings.arterial_component,
         "RandomSeed": settings.seed,
     }
 
@@ -111,6 +113,8 @@ def init_asl_wf(plan: RunPlan, settings: Settings):
             ("outputnode.cbf_timeseries", "inputnode.cbf_timeseries"),
             ("outputnode.mean_deltam", "inputnode.mean_deltam"),
             ("outputnode.cbf_metadata", "inputnode.cbf_metadata"),
+            ("outputnode.maps", "inputnode.maps"),
+            ("outputnode.maps_metadata", "inputnode.maps_metadata"),
         ]),
         (m0_wf, outputs_wf, [
             ("outputnode.m0_file", "inputnode.m0"),

@@ -19,6 +19,8 @@ FIELDS = [
     "cbf_metadata",
     "m0_metadata",
     "confounds_metadata",
+    "maps",
+    "maps_metadata",
 ]
 
 

@@ -1,0 +1,1149 @@
+"""Multi-delay ASL: the Buxton general kinetic model, a vectorised fit, and weighted delay.
+
+References
+----------
+- Buxton RB et al. (1998) A general kinetic model for quantitative perfusion imaging with
+  arterial spin labeling. Magn Reson Med 40:383-396, doi:10.1002/mrm.1910400308 (the tissue
+  model).
+- Alsop DC et al. (2015) Magn Reson Med 73:102-116 (the single-delay consensus model this
+  model reduces to once all the label has arrived).
+- Woods JG et al. (2024) Recommendations for quantitative cerebral perfusion MRI using
+  multi-timepoint arterial spin labeling. Magn Reson Med 92:469-495, doi:10.1002/mrm.30091
+  (the ISMRM multi-delay recommendations: the same single-compartment model, fitted for CBF
+  and ATT).
+- Chappell MA et al. (2010) Separation of macrovascular signal in multi-inversion time arterial
+  spin labelling MRI. Magn Reson Med 63:1357-1365 (the arterial component, as in BASIL).
+- Dai W et al. (2012) Reduced resolution transit delay prescan for quantitative continuous
+  arterial spin labeling perfusion imaging. Magn Reson Med 67:1252-1265 (weighted delay).
+
+Model
+-----
+Time ``t`` runs from the start of labeling: ``t = τ + PLD`` for (P)CASL with labeling duration
+τ, ``t = TI`` for PASL with bolus duration τ (TI1 for QUIPSS II / Q2TIPS). With f the CBF in
+mL/g/s (``cbf / 6000``), Δt the arterial transit time (ATT), α the labeling efficiency, λ the
+partition coefficient and T1b the blood T1, the labeled bolus reaches the voxel between Δt and
+Δt + τ and relaxes with T1b before arrival and with T1' after it (well-mixed single
+compartment). With ``u = clip(t, Δt, Δt + τ)``, the time the last label seen at ``t`` arrived::
+
+    (P)CASL  ΔM/M0 = 2 α f/λ · e^(-Δt/T1b) · T1' · e^(-(t-u)/T1') · (1 - e^(-(u-Δt)/T1'))
+    PASL     ΔM/M0 = 2 α f/λ · e^(-Δt/T1b) · e^(-(t-Δt)/T1') · (1 - e^(-k(u-Δt))) / k,
+             k = 1/T1b - 1/T1'   ((u - Δt) when k = 0)
+
+which is 0 before arrival (t < Δt), rises while the bolus arrives (Δt ≤ t < Δt + τ) and decays
+once it has all arrived (t ≥ Δt + τ). These are the pulsed and continuous solutions of Buxton
+et al. 1998 with M0b = M0/λ and with the apparent tissue relaxation time T1' held constant:
+
+- **default, T1' = T1b** (``t1_tissue=None``): the label is assumed to keep relaxing with the
+  blood T1 after arrival. This is the single-compartment assumption of the consensus papers
+  (Alsop 2015; Woods 2024); with it the decay phase of (P)CASL is exactly Alsop et al. 2015
+  eq. [1] and that of PASL eq. [2], independent of Δt.
+- ``t1_tissue=T1`` gives Buxton's form with T1' = T1, i.e. his 1/T1' = 1/T1 + f/λ with the
+  venous outflow term f/λ (≈ 0.01 s⁻¹, 1-2 % of 1/T1) neglected, so that CBF stays a linear
+  parameter of the model (what makes the fit below fast).
+
+Optional arterial (macrovascular) component, as in BASIL (Chappell et al. 2010): labeled blood
+still in arteries, of fractional volume aBV (mL blood per mL voxel) arriving at aBAT, for the
+bolus duration, with arterial blood magnetization M0/λ::
+
+    ΔM_art/M0 = 2 α aBV/λ · c(t),   c(t) = e^(-aBAT/T1b) · B(t)   (P)CASL
+                                    c(t) = e^(-t/T1b)    · B(t)   PASL
+    B(t) = Φ((t - aBAT)/σ) - Φ((t - aBAT - τ)/σ)
+
+B is the boxcar 1[aBAT ≤ t < aBAT + τ] with its edges blurred by a Gaussian arrival-time
+dispersion of SD σ (``arterial_dispersion``, default 0.1 s; σ = 0 gives the hard boxcar). The
+blur is what makes aBAT estimable from a handful of delays: with a hard boxcar the signal at
+each delay is a step function of aBAT, with zero derivative between the steps. For (P)CASL
+the decay factor is evaluated at the mean arrival aBAT (the exact dispersed form differs by a
+factor e^(σ²/2T1b²), 1.0018 at σ = 0.1 s, T1b = 1.65 s).
+
+The model is continuous but has kinks at t = Δt and t = Δt + τ; the Jacobians below are the
+one-sided derivatives of the phase that holds at ``t`` (rising phase for t = Δt, decay phase
+for t = Δt + τ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy.special import ndtr
+
+from aslprep_lite.quant.cbf import UNIT_CONVERSION
+
+__all__ = [
+    "FAIL_AT_BOUNDS",
+    "FAIL_INPUT",
+    "FAIL_NONFINITE",
+    "FAIL_NOT_CONVERGED",
+    "FAIL_SINGULAR",
+    "NO_ARTERIAL",
+    "FitResult",
+    "WeightedDelay",
+    "arterial_signal",
+    "cbf_at_fixed_att",
+    "fit_multidelay",
+    "fit_with_arterial_selection",
+    "kinetic_jacobian",
+    "tissue_signal",
+    "weighted_delay_att",
+]
+
+_CONTINUOUS = ("PCASL", "CASL")
+_PULSED = ("PASL",)
+
+#: ``FitResult.reason`` bits. Any of them except ``NO_ARTERIAL`` sets ``FitResult.failed``.
+FAIL_INPUT = 1  #: non-finite ΔM, or M0 non-finite or <= 0: the voxel was not fitted
+FAIL_NOT_CONVERGED = 2  #: still improving after ``max_iter`` iterations
+FAIL_AT_BOUNDS = 4  #: CBF, ATT (or aBAT, or aBV at its upper bound) ends on a bound
+FAIL_SINGULAR = 8  #: JᵀJ singular, or a standard error wider than its parameter's bounds
+FAIL_NONFINITE = 16  #: a parameter or its standard error is not finite
+NO_ARTERIAL = 32  #: arterial fit only: aBV is 0 (no arterial signal), aBAT is undetermined
+
+# Typical magnitudes of (cbf, att, abv, abat): the fit works in these units so that the
+# Levenberg-Marquardt damping floor means the same for every parameter.
+_SCALES = np.array([100.0, 1.0, 0.01, 1.0])
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+def _check_type(asl_type: str) -> bool:
+    """True for pulsed labeling, False for continuous; raise on anything else."""
+    if asl_type in _CONTINUOUS:
+        return False
+    if asl_type in _PULSED:
+        return True
+    raise ValueError(f"asl_type must be one of {_CONTINUOUS + _PULSED}, got {asl_type!r}")
+
+
+def _phi(k: float, d: NDArray) -> NDArray:
+    """(1 - e^(-k d)) / k, and its limit d at k = 0 (expm1 keeps small k accurate)."""
+    if k == 0.0:
+        return d
+    return -np.expm1(-k * d) / k
+
+
+def _time(delay: NDArray, duration: NDArray, pulsed: bool) -> NDArray:
+    """Time since the start of labeling: TI for PASL, τ + PLD for (P)CASL."""
+    return delay if pulsed else duration + delay
+
+
+def _tissue(
+    att: NDArray,
+    t: NDArray,
+    tau: NDArray,
+    *,
+    pulsed: bool,
+    t1b: float,
+    t1p: float,
+    derivative: bool,
+) -> tuple[NDArray, NDArray | None]:
+    """ΔM/M0 per unit f/λ·2α (i.e. the kinetic curve shape) and its derivative in Δt."""
+    u = np.clip(t, att, att + tau)
+    arrived = t >= att
+    decaying = t >= att + tau  # du/dΔt = 1 here, 0 in the rising phase
+    inflow = np.exp(-att / t1b)  # relaxation of the label on its way to the voxel
+    if pulsed:
+        k = 1.0 / t1b - 1.0 / t1p
+        after = np.exp(-(t - att) / t1p)
+        shape = inflow * after * _phi(k, u - att)
+    else:
+        shape = inflow * t1p * np.exp(-(t - u) / t1p) * -np.expm1(-(u - att) / t1p)
+    shape = np.where(arrived, shape, 0.0)
+    if not derivative:
+        return shape, None
+    # Once the whole bolus has arrived, Δt only shifts how long the label relaxed with T1b
+    # instead of T1': d/dΔt = (1/T1' - 1/T1b) ΔM, written so that it is exactly 0 for
+    # T1' = T1b (a rounding-level derivative would make ATT look weakly determined).
+    d_decay = (1.0 / t1p - 1.0 / t1b) * shape
+    if pulsed:
+        # rising: d/dΔt of e^(-t/T1') (e^(-kΔt) - e^(-kt)) / k = -e^(-Δt/T1b) e^(-(t-Δt)/T1')
+        d_rise = -inflow * after
+    else:
+        # rising: d/dΔt of e^(-Δt/T1b) T1' (1 - e^(-(t-Δt)/T1'))
+        d_rise = -shape / t1b - inflow * np.exp(-(t - att) / t1p)
+    d_att = np.where(decaying, d_decay, d_rise)
+    return shape, np.where(arrived, d_att, 0.0)
+
+
+def _arterial(
+    abat: NDArray,
+    t: NDArray,
+    tau: NDArray,
+    *,
+    pulsed: bool,
+    t1b: float,
+    sigma: float,
+    derivative: bool,
+) -> tuple[NDArray, NDArray | None]:
+    """c(t) of the arterial component and its derivative in aBAT."""
+    lead = t - abat
+    trail = lead - tau
+    if sigma > 0:
+        box = ndtr(lead / sigma) - ndtr(trail / sigma)
+    else:
+        box = ((lead >= 0) & (trail < 0)).astype(np.float64)
+    decay = np.exp(-(t if pulsed else abat) / t1b)
+    curve = decay * box
+    if not derivative:
+        return curve, None
+    if sigma > 0:
+        gauss = np.exp(-0.5 * (lead / sigma) ** 2) - np.exp(-0.5 * (trail / sigma) ** 2)
+        d_box = -gauss / (sigma * np.sqrt(2.0 * np.pi))
+    else:
+        d_box = np.zeros_like(box)
+    d_abat = decay * d_box
+    if not pulsed:
+        d_abat = d_abat - curve / t1b
+    return curve, d_abat
+
+
+def _as_params(value: ArrayLike) -> NDArray:
+    """A per-voxel parameter with a trailing axis that broadcasts against timings (..., N)."""
+    return np.asarray(value, dtype=np.float64)[..., np.newaxis]
+
+
+def _scale_m0(signal: NDArray, m0: ArrayLike | None) -> NDArray:
+    return signal if m0 is None else signal * _as_params(m0)
+
+
+def tissue_signal(
+    cbf: ArrayLike,
+    att: ArrayLike,
+    delay: ArrayLike,
+    duration: ArrayLike,
+    *,
+    asl_type: str,
+    t1_blood: float,
+    labeling_efficiency: float,
+    partition_coefficient: float = 0.9,
+    t1_tissue: float | None = None,
+    m0: ArrayLike | None = None,
+) -> NDArray[np.float64]:
+    """Tissue ΔM of the Buxton model (see the module docstring for the equations).
+
+    Parameters
+    ----------
+    cbf, att
+        CBF (mL/100 g/min) and arterial transit time Δt (s), shape (...,) e.g. (V,).
+    delay
+        Per volume, shape (N,) (or anything broadcasting to (..., N)): the post-labeling delay
+        for PCASL/CASL, the inversion time TI for PASL (BIDS ``PostLabelingDelay``).
+    duration
+        Labeling duration τ (PCASL/CASL) or bolus duration (PASL: TI1 for QUIPSS II and
+        Q2TIPS, see :func:`aslprep_lite.quant.cbf.pasl_bolus_duration`), same shape rules.
+    asl_type : {"PCASL", "CASL", "PASL"}
+    t1_blood
+        Arterial blood T1 (s).
+    labeling_efficiency
+        α, background-suppression losses included.
+    partition_coefficient
+        λ (mL/g).
+    t1_tissue
+        T1' after arrival (s); None (default) uses ``t1_blood`` (consensus assumption).
+    m0
+        (...,) M0; when given, ΔM is returned instead of ΔM/M0.
+
+    Returns
+    -------
+    numpy.ndarray
+        (..., N) ΔM/M0, or ΔM when ``m0`` is given.
+    """
+    pulsed = _check_type(asl_type)
+    tau = np.asarray(duration, dtype=np.float64)
+    t = _time(np.asarray(delay, dtype=np.float64), tau, pulsed)
+    shape, _ = _tissue(
+        _as_params(att),
+        t,
+        tau,
+        pulsed=pulsed,
+        t1b=t1_blood,
+        t1p=t1_blood if t1_tissue is None else t1_tissue,
+        derivative=False,
+    )
+    scale = 2.0 * labeling_efficiency / (partition_coefficient * UNIT_CONVERSION)
+    return _scale_m0(scale * _as_params(cbf) * shape, m0)
+
+
+def arterial_signal(
+    abv: ArrayLike,
+    abat: ArrayLike,
+    delay: ArrayLike,
+    duration: ArrayLike,
+    *,
+    asl_type: str,
+    t1_blood: float,
+    labeling_efficiency: float,
+    partition_coefficient: float = 0.9,
+    arterial_dispersion: float = 0.1,
+    m0: ArrayLike | None = None,
+) -> NDArray[np.float64]:
+    """Arterial (macrovascular) ΔM, Chappell et al. 2010 (see the module docstring).
+
+    ``abv`` is the arterial blood volume fraction (mL/mL, e.g. 0.01), ``abat`` its arrival
+    time (s), ``arterial_dispersion`` the SD σ (s) of the Gaussian that blurs the boxcar's
+    edges. Shapes and the other arguments as in :func:`tissue_signal`.
+    """
+    pulsed = _check_type(asl_type)
+    tau = np.asarray(duration, dtype=np.float64)
+    t = _time(np.asarray(delay, dtype=np.float64), tau, pulsed)
+    curve, _ = _arterial(
+        _as_params(abat),
+        t,
+        tau,
+        pulsed=pulsed,
+        t1b=t1_blood,
+        sigma=arterial_dispersion,
+        derivative=False,
+    )
+    scale = 2.0 * labeling_efficiency / partition_coefficient
+    return _scale_m0(scale * _as_params(abv) * curve, m0)
+
+
+def kinetic_jacobian(
+    cbf: ArrayLike,
+    att: ArrayLike,
+    delay: ArrayLike,
+    duration: ArrayLike,
+    *,
+    asl_type: str,
+    t1_blood: float,
+    labeling_efficiency: float,
+    partition_coefficient: float = 0.9,
+    t1_tissue: float | None = None,
+    abv: ArrayLike | None = None,
+    abat: ArrayLike | None = None,
+    arterial_dispersion: float = 0.1,
+    m0: ArrayLike | None = None,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Total ΔM (tissue, plus arterial when ``abv`` and ``abat`` are given) and its Jacobian.
+
+    Returns
+    -------
+    signal : numpy.ndarray
+        (..., N), as :func:`tissue_signal` + :func:`arterial_signal`.
+    jacobian : numpy.ndarray
+        (..., N, P): derivatives with respect to (cbf, att) or (cbf, att, abv, abat), in the
+        units of the parameters (per mL/100 g/min, per s, per unit aBV fraction, per s).
+        One-sided at the kinks t = Δt (rising side) and t = Δt + τ (decay side).
+    """
+    pulsed = _check_type(asl_type)
+    arterial = abv is not None or abat is not None
+    if arterial and (abv is None or abat is None):
+        raise ValueError("kinetic_jacobian: give both abv and abat, or neither")
+    tau = np.asarray(duration, dtype=np.float64)
+    t = _time(np.asarray(delay, dtype=np.float64), tau, pulsed)
+    params = [_as_params(cbf), _as_params(att)]
+    if arterial:
+        params += [_as_params(abv), _as_params(abat)]
+    signal, columns = _evaluate(
+        params,
+        t,
+        tau,
+        pulsed=pulsed,
+        t1b=t1_blood,
+        t1p=t1_blood if t1_tissue is None else t1_tissue,
+        alpha=labeling_efficiency,
+        lam=partition_coefficient,
+        sigma=arterial_dispersion,
+        derivative=True,
+    )
+    jacobian = np.stack(np.broadcast_arrays(*columns), axis=-1)
+    if m0 is not None:
+        m0 = _as_params(m0)
+        return signal * m0, jacobian * m0[..., np.newaxis]
+    return signal, jacobian
+
+
+def _evaluate(
+    params: list[NDArray],
+    t: NDArray,
+    tau: NDArray,
+    *,
+    pulsed: bool,
+    t1b: float,
+    t1p: float,
+    alpha: float,
+    lam: float,
+    sigma: float,
+    derivative: bool,
+) -> tuple[NDArray, list[NDArray]]:
+    """Model ΔM/M0 and (optionally) its Jacobian columns for params [cbf, att(, abv, abat)]."""
+    tissue_scale = 2.0 * alpha / (lam * UNIT_CONVERSION)
+    shape, d_att = _tissue(
+        params[1], t, tau, pulsed=pulsed, t1b=t1b, t1p=t1p, derivative=derivative
+    )
+    signal = tissue_scale * params[0] * shape
+    columns: list[NDArray] = []
+    if derivative:
+        columns = [tissue_scale * shape, tissue_scale * params[0] * d_att]
+    if len(params) == 4:
+        arterial_scale = 2.0 * alpha / lam
+        curve, d_abat = _arterial(
+            params[3], t, tau, pulsed=pulsed, t1b=t1b, sigma=sigma, derivative=derivative
+        )
+        signal = signal + arterial_scale * params[2] * curve
+        if derivative:
+            columns += [arterial_scale * curve, arterial_scale * params[2] * d_abat]
+    return signal, columns
+
+
+# --------------------------------------------------------------------------------------------
+# Fit
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class FitResult:
+    """Per-voxel result of :func:`fit_multidelay` (all arrays (V,)).
+
+    Attributes
+    ----------
+    cbf, att, cbf_se, att_se
+        CBF (mL/100 g/min), ATT (s) and their standard errors, ``sqrt(diag(s² (JᵀJ)⁻¹))``
+        with ``s² = RSS / (N - P)`` over all N volumes and P fitted parameters. NaN where the
+        input was invalid. Where JᵀJ is singular the other errors are NaN and ``cbf_se`` is
+        the error with the other parameters held fixed.
+    abv, abat, abv_se, abat_se
+        Arterial blood volume fraction (mL/mL), its arrival time (s) and standard errors;
+        None unless the fit had ``arterial=True``. With :data:`NO_ARTERIAL`, aBV is 0 and
+        aBAT and both errors are NaN.
+    rmse
+        Root mean square residual over all N volumes, in the units of ``deltam``.
+    r2
+        Coefficient of determination of the delay curve: 1 - Σ n_i (d̄_i - m_i)² /
+        Σ n_i (d̄_i - d̄)², over the per-delay means d̄_i of ΔM (n_i volumes at delay i) and
+        the model m_i. It measures how well the kinetic curve explains the variation of ΔM
+        across delays; the scatter of repeats at one delay (noise) does not lower it.
+        NaN when all delay means are equal.
+    failed
+        True where ``reason`` has any bit but :data:`NO_ARTERIAL` set.
+    reason
+        Bit mask of :data:`FAIL_INPUT`, :data:`FAIL_NOT_CONVERGED`, :data:`FAIL_AT_BOUNDS`,
+        :data:`FAIL_SINGULAR`, :data:`FAIL_NONFINITE`, :data:`NO_ARTERIAL`.
+    n_iter
+        Levenberg-Marquardt iterations used by each voxel.
+    """
+
+    cbf: NDArray[np.float64]
+    att: NDArray[np.float64]
+    cbf_se: NDArray[np.float64]
+    att_se: NDArray[np.float64]
+    abv: NDArray[np.float64] | None
+    abat: NDArray[np.float64] | None
+    abv_se: NDArray[np.float64] | None
+    abat_se: NDArray[np.float64] | None
+    rmse: NDArray[np.float64]
+    r2: NDArray[np.float64]
+    failed: NDArray[np.bool_]
+    reason: NDArray[np.uint8]
+    n_iter: NDArray[np.int32]
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Everything the fit needs that is not a parameter, in ΔM/M0 units."""
+
+    mean: NDArray  # (V, U) mean ΔM/M0 per unique timing
+    counts: NDArray  # (U,) volumes per unique timing
+    t: NDArray  # (U,) or (V, U) time since the start of labeling
+    tau: NDArray  # (U,)
+    pulsed: bool
+    t1b: float
+    t1p: float
+    alpha: float
+    lam: float
+    sigma: float
+
+    def model(
+        self, p: NDArray, rows: NDArray | None, derivative: bool
+    ) -> tuple[NDArray, NDArray | None]:
+        """(V', U) ΔM/M0 and (V', U, P) Jacobian at params p (V', P) for voxels ``rows``."""
+        t = self.t if self.t.ndim == 1 or rows is None else self.t[rows]
+        params = [p[:, j : j + 1] for j in range(p.shape[1])]
+        signal, columns = _evaluate(
+            params,
+            t,
+            self.tau,
+            pulsed=self.pulsed,
+            t1b=self.t1b,
+            t1p=self.t1p,
+            alpha=self.alpha,
+            lam=self.lam,
+            sigma=self.sigma,
+            derivative=derivative,
+        )
+        signal = np.broadcast_to(signal, (p.shape[0], self.tau.size))
+        if not derivative:
+            return signal, None
+        shape = (p.shape[0], self.tau.size)
+        return signal, np.stack([np.broadcast_to(c, shape) for c in columns], axis=-1)
+
+    def cost(self, signal: NDArray, rows: NDArray) -> NDArray:
+        """Σ_i n_i (mean_i - model_i)²: the RSS minus the (constant) within-delay part."""
+        return ((self.mean[rows] - signal) ** 2) @ self.counts
+
+
+def _group_timings(delay: NDArray, duration: NDArray) -> tuple[NDArray, NDArray, NDArray, NDArray]:
+    """Unique (delay, duration) pairs, the column → pair index and the count of each pair."""
+    pairs = np.stack([delay, duration], axis=1)
+    unique, inverse, counts = np.unique(pairs, axis=0, return_inverse=True, return_counts=True)
+    return unique[:, 0], unique[:, 1], inverse.ravel(), counts.astype(np.float64)
+
+
+def _grid_start(
+    problem: _Problem,
+    att_grid: NDArray,
+    abat_grid: NDArray | None,
+    bounds: NDArray,
+    max_elements: int = 2_000_000,
+) -> NDArray:
+    """Starting values: the best point of an ATT (× aBAT) grid, linear parameters solved.
+
+    For each grid point CBF (and aBV) enter the model linearly, so their least-squares values
+    have a closed form and the grid only runs over the nonlinear times. aBV is constrained to
+    ≥ 0 by falling back to the tissue-only solution where the 2-parameter one is negative.
+    """
+    n_vox = problem.mean.shape[0]
+    start = np.empty((n_vox, 2 if abat_grid is None else 4))
+    w = problem.counts
+    unit = np.ones((1, 1))
+    # Voxels per chunk, so that the (grid, voxel, timing) arrays stay ~16 MB each.
+    n_grid = att_grid.size * (1 if abat_grid is None else abat_grid.size)
+    chunk = max(1, max_elements // (n_grid * problem.tau.size))
+    for lo in range(0, n_vox, chunk):
+        rows = np.arange(lo, min(lo + chunk, n_vox))
+        y = problem.mean[rows]  # (c, U)
+        t = problem.t if problem.t.ndim == 1 else problem.t[rows]
+        # Tissue templates g_k = model at CBF 1 and ATT = grid[k]: (K, c|1, U)
+        g, _ = _evaluate(
+            [unit, att_grid.reshape(-1, 1, 1)],
+            t,
+            problem.tau,
+            pulsed=problem.pulsed,
+            t1b=problem.t1b,
+            t1p=problem.t1p,
+            alpha=problem.alpha,
+            lam=problem.lam,
+            sigma=problem.sigma,
+            derivative=False,
+        )
+        gg = (g**2) @ w  # (K, c|1)
+        gy = (g * y) @ w  # (K, c)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cbf = np.where(gg > 0, gy / gg, 0.0)
+        gain = cbf * gy  # RSS reduction of the best CBF at each grid point
+        if abat_grid is None:
+            best = np.argmax(gain, axis=0)
+            start[rows, 0] = cbf[best, np.arange(rows.size)]
+            start[rows, 1] = att_grid[best]
+            continue
+        # Arterial templates a_m = c(t) at aBV 1, aBAT = grid[m]: (M, c|1, U)
+        a, _ = _evaluate(
+            [np.zeros((1, 1)), np.zeros((1, 1)), unit, abat_grid.reshape(-1, 1, 1)],
+            t,
+            problem.tau,
+            pulsed=problem.pulsed,
+            t1b=problem.t1b,
+            t1p=problem.t1p,
+            alpha=problem.alpha,
+            lam=problem.lam,
+            sigma=problem.sigma,
+            derivative=False,
+        )
+        aa = (a**2) @ w  # (M, c|1)
+        ay = (a * y) @ w  # (M, c)
+        ga = np.einsum("kcu,mcu,u->kmc", g, a, w)  # (K, M, c|1)
+        det = gg[:, None] * aa[None] - ga**2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f2 = (aa[None] * gy[:, None] - ga * ay[None]) / det
+            v2 = (gg[:, None] * ay[None] - ga * gy[:, None]) / det
+        gain2 = f2 * gy[:, None] + v2 * ay[None]
+        ok = np.isfinite(gain2) & (det > 1e-12 * gg[:, None] * aa[None]) & (v2 >= 0)
+        # aBAT <= ATT (see fit_multidelay); pairs beyond it fall back to the tissue-only fit.
+        ok &= (abat_grid[None, :] <= att_grid[:, None])[:, :, None]
+        # Where aBV would be negative, the constrained optimum has aBV = 0 (tissue only).
+        gain2 = np.where(ok, gain2, gain[:, None])
+        f2 = np.where(ok, f2, cbf[:, None])
+        v2 = np.where(ok, v2, 0.0)
+        flat = gain2.reshape(-1, rows.size)
+        best = np.argmax(flat, axis=0)
+        cols = np.arange(rows.size)
+        k, m = np.unravel_index(best, gain2.shape[:2])
+        start[rows, 0] = f2.reshape(-1, rows.size)[best, cols]
+        start[rows, 1] = att_grid[k]
+        start[rows, 2] = v2.reshape(-1, rows.size)[best, cols]
+        # Where aBV = 0 won, aBAT is moot: keep it on the feasible side of ATT.
+        start[rows, 3] = np.minimum(abat_grid[m], start[rows, 1])
+    return np.clip(start, bounds[:, 0], bounds[:, 1])
+
+
+def _project(p: NDArray, bounds: NDArray) -> NDArray:
+    """Clip parameters (V, P) to the box, and for the arterial fit to aBAT <= ATT.
+
+    aBAT > ATT is moved to the nearest point of the half-plane (both set to their mean, which
+    stays inside both boxes since ATT < aBAT <= its upper bound and aBAT > ATT >= its lower).
+    """
+    p = np.clip(p, bounds[:, 0], bounds[:, 1])
+    if p.shape[1] == 4:
+        late = p[:, 3] > p[:, 1]
+        middle = 0.5 * (p[late, 1] + p[late, 3])
+        p[late, 1] = p[late, 3] = middle
+    return p
+
+
+def _levenberg_marquardt(
+    problem: _Problem,
+    start: NDArray,
+    bounds: NDArray,
+    *,
+    max_iter: int,
+    xtol: float,
+    ftol: float,
+) -> tuple[NDArray, NDArray, NDArray, NDArray, NDArray]:
+    """Bound-constrained LM on all voxels at once, each with its own damping μ.
+
+    Steps are solved in units of :data:`_SCALES` and projected onto the bounds; a voxel's
+    step is accepted if it does not increase its cost (μ × 0.3), otherwise rejected (μ × 10).
+    A voxel stops when an accepted step changes no parameter by more than ``xtol`` (in scaled
+    units) or the cost by less than ``ftol`` relative, or when μ > 1e10 (no descent direction
+    left: a minimum, possibly on a kink or a bound).
+
+    Returns params (V, P), converged (V,), iterations (V,), cost (V,) and the Jacobian at the
+    params (V, U, P).
+    """
+    n_vox, n_par = start.shape
+    scales = _SCALES[:n_par]
+    p = start.copy()
+    all_rows = np.arange(n_vox)
+    signal, jac = problem.model(p, None, derivative=True)
+    signal, jac = np.array(signal), np.array(jac)  # writable copies, updated per voxel
+    cost = problem.cost(signal, all_rows)
+    mu = np.full(n_vox, 1e-3)
+    active = np.ones(n_vox, dtype=bool)
+    n_iter = np.zeros(n_vox, dtype=np.int32)
+    eye = np.eye(n_par)
+    for _ in range(max_iter):
+        rows = np.flatnonzero(active)
+        if rows.size == 0:
+            break
+        n_iter[rows] += 1
+        js = jac[rows] * scales  # Jacobian in scaled units
+        jw = js * problem.counts[:, None]
+        normal = np.einsum("vup,vuq->vpq", jw, js)
+        residual = problem.mean[rows] - signal[rows]
+        gradient = np.einsum("vup,vu->vp", jw, residual)
+        diag = np.diagonal(normal, axis1=1, axis2=2)
+        # Marquardt's scaling by diag(JᵀJ), floored so an undetermined parameter (zero
+        # column) still gets a positive damping and the system stays solvable.
+        floor = 1e-9 * diag.max(axis=1, keepdims=True) + 1e-300
+        damping = mu[rows, None] * np.maximum(diag, floor)
+        system = normal + damping[:, :, None] * eye
+        step = np.linalg.solve(system, gradient[..., None])[..., 0] * scales
+        trial = _project(p[rows] + step, bounds)
+        trial_signal, trial_jac = problem.model(trial, rows, derivative=True)
+        trial_cost = problem.cost(trial_signal, rows)
+        accept = np.isfinite(trial_cost) & (trial_cost <= cost[rows])
+        moved = np.abs(trial - p[rows]) / scales
+        small = np.all(moved <= xtol, axis=1)
+        flat = (cost[rows] - trial_cost) <= ftol * cost[rows]
+        good = rows[accept]
+        p[good] = trial[accept]
+        signal[good] = trial_signal[accept]
+        jac[good] = trial_jac[accept]
+        cost[good] = trial_cost[accept]
+        mu[rows] = np.where(accept, np.maximum(mu[rows] * 0.3, 1e-12), mu[rows] * 10.0)
+        done = (accept & (small | flat)) | (mu[rows] > 1e10)
+        active[rows[done]] = False
+    return p, ~active, n_iter, cost, jac
+
+
+def fit_multidelay(
+    deltam: ArrayLike,
+    m0: ArrayLike,
+    plds: ArrayLike,
+    labeling_duration: ArrayLike,
+    *,
+    asl_type: str,
+    t1_blood: float,
+    labeling_efficiency: float,
+    partition_coefficient: float = 0.9,
+    t1_tissue: float | None = None,
+    arterial: bool = False,
+    arterial_dispersion: float = 0.1,
+    delay_offset: ArrayLike | None = None,
+    cbf_bounds: tuple[float, float] = (-100.0, 500.0),
+    att_bounds: tuple[float, float] = (0.0, 5.0),
+    abv_bounds: tuple[float, float] = (0.0, 0.1),
+    abat_bounds: tuple[float, float] = (0.0, 3.0),
+    att_step: float = 0.05,
+    max_iter: int = 100,
+    xtol: float = 1e-7,
+    ftol: float = 1e-12,
+) -> FitResult:
+    """Voxelwise least-squares fit of the Buxton model to multi-delay ΔM, all voxels at once.
+
+    Parameters
+    ----------
+    deltam
+        (V, N) control − label, one column per volume; repeats of a delay are more columns
+        and need not be equally many per delay.
+    m0
+        (V,) equilibrium magnetization (same units as ``deltam``, already TR-corrected).
+    plds
+        (N,) post-labeling delay (PCASL/CASL) or inversion time TI (PASL) of each column, s.
+    labeling_duration
+        (N,) or scalar: labeling duration τ (PCASL/CASL) or bolus duration (PASL), s.
+    asl_type : {"PCASL", "CASL", "PASL"}
+    t1_blood, labeling_efficiency, partition_coefficient, t1_tissue
+        Model constants, see :func:`tissue_signal`.
+    arterial
+        Also fit the arterial component (aBV, aBAT), see :func:`arterial_signal`.
+    arterial_dispersion
+        σ (s) of the arterial boxcar's edges; must be > 0 when ``arterial`` is True.
+    delay_offset
+        (V,) extra delay per voxel (s) added to every column, e.g. the slice acquisition time
+        of a 2D readout (:func:`aslprep_lite.quant.cbf.slice_delays`).
+    cbf_bounds, att_bounds, abv_bounds, abat_bounds
+        Box constraints. CBF ∈ [−100, 500] mL/100 g/min: wide enough that noise in low-flow
+        voxels is not clipped at 0 (which would bias ROI means upward), finite so that a
+        voxel without signal cannot run away. ATT ∈ [0, 5] s covers every physiological
+        transit time. aBV ∈ [0, 0.1] (no negative blood volume; 10 % is far above any
+        artery-containing voxel at ASL resolution), aBAT ∈ [0, 3] s and aBAT ≤ ATT (the label
+        passes through the voxel's arteries before it reaches its tissue; without this a late
+        arterial bolus can imitate the tissue decay and trade against CBF).
+    att_step
+        Spacing (s) of the starting grid over ATT (and over aBAT for the arterial fit, whose
+        cost has local minima where the arterial and tissue curves trade places: a grid
+        twice as coarse, 0.1 s, already lands in the wrong one for some PASL curves).
+    max_iter, xtol, ftol
+        Levenberg-Marquardt stopping rules (see ``_levenberg_marquardt``). ``max_iter=0``
+        returns the grid starting values (flagged :data:`FAIL_NOT_CONVERGED`).
+
+    Returns
+    -------
+    FitResult
+
+    Notes
+    -----
+    The fit works on ΔM/M0, so the least-squares problem is the same as on ΔM: M0 is one
+    number per voxel. Since the columns at one (delay, duration) share a model value, the RSS
+    splits into Σ n_i (d̄_i − m_i)² over the U distinct timings plus the scatter about each
+    mean d̄_i, which does not depend on the parameters; the fit runs on the (V, U) means with
+    weights n_i (exact, and N/U times cheaper).
+
+    *Start*: for every ATT on a grid from the lower ATT bound to the latest time at which any
+    delay sees signal (step ``att_step``), CBF has a closed-form least-squares value; the
+    grid point with the smallest RSS is the start (with ``arterial``, the same over an
+    (ATT, aBAT) grid with CBF and aBV ≥ 0 solved jointly). *Refinement*: Levenberg-Marquardt
+    on (CBF, ATT[, aBV, aBAT]) with per-voxel damping, steps projected onto the bounds.
+
+    ATT is only determined when at least one delay catches the bolus still arriving
+    (τ + PLD < Δt + τ, i.e. PLD < ATT for PCASL): with T1' = T1b the signal after full
+    arrival does not depend on ATT. An ATT below the shortest PLD therefore gives a zero ATT
+    column: the voxel is flagged :data:`FAIL_SINGULAR` (or ends at the lower bound,
+    :data:`FAIL_AT_BOUNDS`), and its CBF is still the consensus CBF of the delays.
+
+    A voxel is ``failed`` when its input is not finite or M0 ≤ 0, the fit did not converge,
+    CBF or ATT ends within 10⁻⁶ of the bound range of a bound (for the arterial fit also aBAT,
+    and aBV at its upper bound), JᵀJ is singular (reciprocal condition number of its
+    correlation matrix < 10⁻¹⁰, or a zero column), or a result is not finite. A voxel
+    without signal (pure noise) has CBF ≈ 0 and hence an ATT that moves the model very
+    little; it typically ends on an ATT bound or with a singular JᵀJ and is flagged, but not
+    always (a noise pattern can mimic a small curve), see ``tests/test_kinetic.py``.
+
+    With ``arterial``, aBV = 0 (its lower bound) means no arterial signal was found; aBAT is
+    then undetermined, reported as NaN with the :data:`NO_ARTERIAL` bit, which does not set
+    ``failed``: the tissue parameters and their errors (from the (CBF, ATT) block) stand.
+    Without priors (BASIL uses an automatic-relevance prior on aBV) the two extra parameters
+    also fit noise: on noisy tissue-only data most voxels end with a small aBV > 0 and a CBF
+    several times more variable than the tissue-only fit's (SD 4.7 vs 0.95 mL/100 g/min for
+    CBF 60, ATT 1.2 s, 6 PLDs × 8, noise 0.05 % of M0). Fit the arterial component where
+    macrovascular signal is expected, or compare with the tissue-only fit.
+    """
+    pulsed = _check_type(asl_type)
+    deltam = np.asarray(deltam, dtype=np.float64)
+    if deltam.ndim != 2:
+        raise ValueError(f"deltam must be (V, N), got shape {deltam.shape}")
+    n_vox, n_vol = deltam.shape
+    m0 = np.broadcast_to(np.asarray(m0, dtype=np.float64), (n_vox,))
+    delay = np.broadcast_to(np.asarray(plds, dtype=np.float64), (n_vol,))
+    duration = np.broadcast_to(np.asarray(labeling_duration, dtype=np.float64), (n_vol,))
+    if np.any(~np.isfinite(delay)) or np.any(delay < 0) or np.any(~(duration > 0)):
+        raise ValueError("plds must be finite and >= 0, labeling_duration > 0")
+    n_par = 4 if arterial else 2
+    if arterial and not arterial_dispersion > 0:
+        raise ValueError("an arterial fit needs arterial_dispersion > 0 (see arterial_signal)")
+    if n_vol <= n_par:
+        raise ValueError(f"{n_vol} volumes cannot determine {n_par} parameters")
+    bounds = np.array([cbf_bounds, att_bounds, abv_bounds, abat_bounds][:n_par], dtype=float)
+    if np.any(bounds[:, 0] >= bounds[:, 1]):
+        raise ValueError("every lower bound must be below its upper bound")
+
+    uniq_delay, uniq_tau, column, counts = _group_timings(delay, duration)
+    n_uniq = uniq_delay.size
+    if n_uniq < 2:
+        raise ValueError("a multi-delay fit needs at least 2 distinct delays")
+    t = _time(uniq_delay, uniq_tau, pulsed)
+    if delay_offset is not None:
+        offset = np.broadcast_to(np.asarray(delay_offset, dtype=np.float64), (n_vox,))
+        t = t + offset[:, None]
+
+    valid = np.all(np.isfinite(deltam), axis=1) & np.isfinite(m0) & (m0 > 0)
+    rows = np.flatnonzero(valid)
+    y = deltam[rows] / m0[rows, None]
+    # Per-timing means (V, U): column sums via a one-hot matrix keeps this a single matmul.
+    onehot = np.zeros((n_vol, n_uniq))
+    onehot[np.arange(n_vol), column] = 1.0
+    mean = (y @ onehot) / counts
+    within = np.sum((y - mean[:, column]) ** 2, axis=1)
+
+    problem = _Problem(
+        mean=mean,
+        counts=counts,
+        t=t if t.ndim == 1 else t[rows],
+        tau=uniq_tau,
+        pulsed=pulsed,
+        t1b=t1_blood,
+        t1p=t1_blood if t1_tissue is None else t1_tissue,
+        alpha=labeling_efficiency,
+        lam=partition_coefficient,
+        sigma=arterial_dispersion,
+    )
+    # Beyond the latest time of any delay no label has arrived anywhere: no point gridding it.
+    att_top = min(att_bounds[1], float(np.max(t)))
+    att_grid = np.arange(att_bounds[0], att_top + 0.5 * att_step, att_step)
+    abat_grid = None
+    if arterial:
+        abat_top = min(abat_bounds[1], float(np.max(t)))
+        abat_grid = np.arange(abat_bounds[0], abat_top + 0.5 * att_step, att_step)
+    start = _grid_start(problem, att_grid, abat_grid, bounds)
+    params, converged, n_iter, cost, jac = _levenberg_marquardt(
+        problem, start, bounds, max_iter=max_iter, xtol=xtol, ftol=ftol
+    )
+
+    # Goodness of fit and uncertainty at the solution.
+    rss = cost + within
+    dof = n_vol - n_par
+    reason = np.zeros(rows.size, dtype=np.uint8)
+    reason[~converged] |= FAIL_NOT_CONVERGED
+    span = bounds[:, 1] - bounds[:, 0]
+    tol = 1e-6 * span
+    at_lower = params <= bounds[:, 0] + tol
+    at_upper = params >= bounds[:, 1] - tol
+    if arterial:
+        no_arterial = at_lower[:, 2].copy()
+        reason[no_arterial] |= NO_ARTERIAL
+        at_lower[:, 2] = False  # aBV = 0 is a valid answer, not a failure
+        at_lower[no_arterial, 3] = at_upper[no_arterial, 3] = False  # aBAT is moot there
+    reason[np.any(at_lower | at_upper, axis=1)] |= FAIL_AT_BOUNDS
+
+    se = np.full(params.shape, np.nan)
+    # Errors from the full model, or from the (CBF, ATT) block where aBV/aBAT are moot.
+    blocks = [(np.ones(rows.size, dtype=bool), n_par)]
+    if arterial:
+        blocks = [(~no_arterial, 4), (no_arterial, 2)]
+    for select, k in blocks:
+        if not np.any(select):
+            continue
+        js = jac[select][:, :, :k] * _SCALES[:k]
+        normal = np.einsum("vup,u,vuq->vpq", js, counts, js)
+        finite = np.all(np.isfinite(normal), axis=(1, 2))
+        normal[~finite] = np.eye(k)  # placeholder, flagged singular below
+        diag = np.diagonal(normal, axis1=1, axis2=2)
+        # A column that is zero, or 1e-10 of the largest in norm (units of _SCALES), means
+        # that parameter does not change the model.
+        zero = np.any(~(diag > 1e-20 * diag.max(axis=1, keepdims=True)), axis=1) | ~finite
+        norm = np.sqrt(np.where(diag > 0, diag, 1.0))
+        corr = normal / (norm[:, :, None] * norm[:, None, :])
+        eig = np.linalg.eigvalsh(corr)
+        singular = zero | ~(eig[:, 0] > 1e-10 * eig[:, -1])
+        inverse = np.full_like(normal, np.nan)
+        if np.any(~singular):
+            inverse[~singular] = np.linalg.inv(normal[~singular])
+        variance = np.diagonal(inverse, axis1=1, axis2=2) * (rss[select] / dof)[:, None]
+        se_block = np.sqrt(variance) * _SCALES[:k]
+        # A parameter that barely moves the model (e.g. ATT when CBF ≈ 0) leaves JᵀJ
+        # well-conditioned after scaling but is undetermined: its error exceeds its bounds.
+        singular |= np.any(se_block > span[:k], axis=1)
+        target = np.flatnonzero(select)
+        # Where ATT (or aBAT) is undetermined, CBF's error is still defined with the others
+        # held fixed: exact when they do not change the model at all (ATT < shortest PLD).
+        with np.errstate(divide="ignore", invalid="ignore"):  # used only where > 0 below
+            cbf_only = np.sqrt(rss[select] / dof / normal[:, 0, 0]) * _SCALES[0]
+        conditional = np.isnan(se_block[:, 0]) & (normal[:, 0, 0] > 0)
+        se_block[:, 0] = np.where(conditional, cbf_only, se_block[:, 0])
+        se[target, :k] = se_block
+        reason[target[singular]] |= FAIL_SINGULAR
+    if arterial:
+        params[no_arterial, 2] = 0.0  # not a rounding-level positive value
+        params[no_arterial, 3] = np.nan
+    checked = np.concatenate([params, se], axis=1)
+    if arterial:
+        # aBAT and the arterial errors are NaN on purpose where there is no arterial signal.
+        checked[np.ix_(no_arterial, [2, 3, 6, 7])] = 0.0
+    nonfinite = ~np.all(np.isfinite(checked), axis=1)
+    reason[nonfinite & ((reason & FAIL_SINGULAR) == 0)] |= FAIL_NONFINITE
+
+    mean_of_means = (mean @ counts) / counts.sum()
+    spread = ((mean - mean_of_means[:, None]) ** 2) @ counts
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r2 = np.where(spread > 0, 1.0 - cost / spread, np.nan)
+
+    def full(values: NDArray, fill: float = np.nan) -> NDArray:
+        out = np.full(n_vox, fill, dtype=values.dtype)
+        out[rows] = values
+        return out
+
+    all_reason = np.full(n_vox, FAIL_INPUT, dtype=np.uint8)
+    all_reason[rows] = reason
+    failed = (all_reason & ~np.uint8(NO_ARTERIAL)) != 0
+    rmse = full(np.sqrt(rss / n_vol) * m0[rows])
+    n_iter_all = np.zeros(n_vox, dtype=np.int32)
+    n_iter_all[rows] = n_iter
+    return FitResult(
+        cbf=full(params[:, 0]),
+        att=full(params[:, 1]),
+        cbf_se=full(se[:, 0]),
+        att_se=full(se[:, 1]),
+        abv=full(params[:, 2]) if arterial else None,
+        abat=full(params[:, 3]) if arterial else None,
+        abv_se=full(se[:, 2]) if arterial else None,
+        abat_se=full(se[:, 3]) if arterial else None,
+        rmse=rmse,
+        r2=full(r2),
+        failed=failed,
+        reason=all_reason,
+        n_iter=n_iter_all,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Weighted delay
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class WeightedDelay:
+    """Result of :func:`weighted_delay_att` (arrays (V,)).
+
+    Attributes
+    ----------
+    att
+        ATT (s) read off the model's weighted-delay curve; clipped to ``att_range`` when the
+        weighted delay falls outside the curve's range, NaN where it is undefined.
+    weighted_delay
+        WD = Σ w_i ΔM̄_i / Σ ΔM̄_i (s).
+    in_range
+        The weighted delay was defined (Σ ΔM̄_i > 0) and inside the curve's range.
+    att_range
+        (lowest, highest) ATT the weighted delay can resolve for these delays.
+    """
+
+    att: NDArray[np.float64]
+    weighted_delay: NDArray[np.float64]
+    in_range: NDArray[np.bool_]
+    att_range: tuple[float, float]
+
+
+def weighted_delay_att(
+    deltam: ArrayLike,
+    plds: ArrayLike,
+    labeling_duration: ArrayLike,
+    *,
+    asl_type: str = "PCASL",
+    t1_blood: float,
+    t1_tissue: float | None = None,
+    att_max: float = 5.0,
+    resolution: float = 1e-3,
+) -> WeightedDelay:
+    """ATT from the weighted delay of multi-delay ΔM (Dai et al. 2012).
+
+    The weighted delay WD = Σ_i w_i ΔM̄_i / Σ_i ΔM̄_i, with w_i the distinct delays (PLD; TI
+    for PASL) and ΔM̄_i the mean ΔM of the columns at delay i (so unequal repeats do not
+    change the weights), does not depend on CBF, M0 or α in the model, only on ATT. It
+    increases monotonically with ATT once ATT exceeds the shortest delay, so ATT is read off
+    a table of the model's WD on an ATT grid (``resolution`` s) by linear interpolation.
+
+    Parameters
+    ----------
+    deltam
+        (V, N) ΔM (any scale: M0 cancels).
+    plds, labeling_duration
+        (N,) timing of each column as in :func:`fit_multidelay`; the labeling/bolus duration
+        must be the same for every column of a given delay.
+    asl_type, t1_blood, t1_tissue
+        Model, see :func:`tissue_signal`.
+    att_max
+        Largest ATT tabulated (s).
+    resolution
+        ATT grid step of the table (s).
+
+    Returns
+    -------
+    WeightedDelay
+
+    Notes
+    -----
+    With T1' = T1b the model's WD is flat for ATT below the shortest delay (all delays see the
+    complete bolus), so ATT cannot be resolved there and is reported as the lower end of
+    ``att_range``. The table stops where WD stops increasing (late ATTs for which even the
+    longest delay sees no label).
+    """
+    pulsed = _check_type(asl_type)
+    deltam = np.asarray(deltam, dtype=np.float64)
+    n_vol = deltam.shape[1]
+    delay = np.broadcast_to(np.asarray(plds, dtype=np.float64), (n_vol,))
+    duration = np.broadcast_to(np.asarray(labeling_duration, dtype=np.float64), (n_vol,))
+    uniq_delay, uniq_tau, column, counts = _group_timings(delay, duration)
+    if np.unique(uniq_delay).size != uniq_delay.size:
+        raise ValueError("weighted delay needs one labeling duration per delay")
+    onehot = np.zeros((n_vol, uniq_delay.size))
+    onehot[np.arange(n_vol), column] = 1.0
+    mean = (deltam @ onehot) / counts
+    total = mean.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        wd = (mean @ uniq_delay) / total
+
+    grid = np.arange(0.0, att_max + 0.5 * resolution, resolution)
+    t = _time(uniq_delay, uniq_tau, pulsed)
+    shape, _ = _tissue(
+        grid[:, None],
+        t,
+        uniq_tau,
+        pulsed=pulsed,
+        t1b=t1_blood,
+        t1p=t1_blood if t1_tissue is None else t1_tissue,
+        derivative=False,
+    )
+    norm = shape.sum(axis=1)
+    keep = norm > 0
+    table = (shape[keep] @ uniq_delay) / norm[keep]
+    grid = grid[keep]
+    # The strictly increasing stretch: from where WD leaves its flat start to its maximum.
+    rising = np.flatnonzero(np.diff(table) > 1e-12 * np.abs(table[:-1]).max())
+    first, last = rising[0], min(rising[-1] + 1, int(np.argmax(table)))
+    table, grid = table[first : last + 1], grid[first : last + 1]
+    att = np.interp(wd, table, grid)
+    defined = np.isfinite(wd) & (total > 0)
+    att = np.where(defined, att, np.nan)
+    # A WD at either end of the table is what every ATT beyond that end gives: ambiguous.
+    margin = 1e-9 * (uniq_delay.max() - uniq_delay.min())  # rounding of the two WD sums
+    in_range = defined & (wd > table[0] + margin) & (wd < table[-1] - margin)
+    return WeightedDelay(
+        att=att,
+        weighted_delay=wd,
+        in_range=in_range,
+        att_range=(float(grid[0]), float(grid[-1])),
+    )
+
+
+def cbf_at_fixed_att(
+    deltam: ArrayLike,
+    m0: ArrayLike,
+    att: ArrayLike,
+    plds: ArrayLike,
+    labeling_duration: ArrayLike,
+    *,
+    asl_type: str,
+    t1_blood: float,
+    labeling_efficiency: float,
+    partition_coefficient: float = 0.9,
+    delay_offset: ArrayLike | None = None,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """CBF and its standard error at a known ATT (e.g. from :func:`weighted_delay_att`).
+
+    CBF enters the model linearly: with s_i the signal of CBF = 1 at each volume,
+    CBF = Σ s_i ΔM_i / Σ s_i² (least squares) and se = sqrt(RSS / (N − 1) / Σ s_i²).
+
+    Parameters
+    ----------
+    deltam : (V, N)
+    m0, att : (V,)
+    plds, labeling_duration : (N,)
+        Per-volume delay (PLD, or TI for PASL) and labeling/bolus duration.
+    delay_offset : (V,), optional
+        Extra delay per voxel (2D readouts: the slice's acquisition time).
+    """
+    deltam = np.asarray(deltam, dtype=np.float64)
+    att = np.asarray(att, dtype=np.float64)
+    delay = np.asarray(plds, dtype=np.float64)
+    if delay_offset is not None:
+        delay = delay[np.newaxis, :] + np.asarray(delay_offset, dtype=np.float64)[:, np.newaxis]
+    unit = tissue_signal(
+        np.ones_like(att),
+        att,
+        delay,
+        np.asarray(labeling_duration, dtype=np.float64),
+        asl_type=asl_type,
+        t1_blood=t1_blood,
+        labeling_efficiency=labeling_efficiency,
+        partition_coefficient=partition_coefficient,
+        m0=np.asarray(m0, dtype=np.float64),
+    )
+    energy = (unit**2).sum(axis=1)
+    valid = np.isfinite(energy) & (energy > 0) & np.isfinite(deltam).all(axis=1)
+    cbf = np.full(deltam.shape[0], np.nan)
+    se = np.full(deltam.shape[0], np.nan)
+    cbf[valid] = (unit[valid] * deltam[valid]).sum(axis=1) / energy[valid]
+    dof = max(deltam.shape[1] - 1, 1)
+    rss = ((deltam[valid] - cbf[valid, np.newaxis] * unit[valid]) ** 2).sum(axis=1)
+    se[valid] = np.sqrt(rss / dof / energy[valid])
+    return cbf, se
+
+
+def fit_with_arterial_selection(
+    deltam: ArrayLike,
+    m0: ArrayLike,
+    plds: ArrayLike,
+    labeling_duration: ArrayLike,
+    *,
+    p_value: float = 0.05,
+    **options,
+) -> tuple[FitResult, NDArray[np.bool_]]:
+    """Fit with and without the arterial component; keep it only where the data support it.
+
+    Without a prior, the two arterial parameters fit noise in voxels that have no
+    macrovascular signal and trade against CBF (on synthetic tissue-only data, grey-matter CBF
+    rose by ~50 %). BASIL shrinks aBV with an automatic-relevance-determination prior (Chappell
+    et al. 2010); here the nested models are compared voxel by voxel with the extra-sum-of-
+    squares F-test: F = ((RSS_tissue − RSS_full) / 2) / (RSS_full / (N − 4)), and the arterial
+    fit is kept where F exceeds the (1 − ``p_value``) quantile of F(2, N − 4) and it did not
+    fail. Elsewhere the tissue-only result is used, with aBV = 0 and aBAT undefined.
+
+    Returns
+    -------
+    (FitResult, ndarray of bool)
+        The merged result (``abv``/``abat`` always set) and where the arterial model was kept.
+    """
+    from scipy.stats import f as f_distribution
+
+    tissue = fit_multidelay(deltam, m0, plds, labeling_duration, arterial=False, **options)
+    full = fit_multidelay(deltam, m0, plds, labeling_duration, arterial=True, **options)
+    n = np.asarray(deltam).shape[1]
+    if n <= 4:  # no residual degrees of freedom for the test
+        keep = np.zeros(tissue.cbf.shape, dtype=bool)
+    else:
+        rss_tissue, rss_full = tissue.rmse**2 * n, full.rmse**2 * n
+        with np.errstate(divide="ignore", invalid="ignore"):
+            statistic = ((rss_tissue - rss_full) / 2.0) / (rss_full / (n - 4))
+        critical = f_distribution.ppf(1.0 - p_value, 2, n - 4)
+        keep = (statistic > critical) & ~full.failed & np.isfinite(statistic)
+    nan = np.full(tissue.cbf.shape, np.nan)
+
+    def pick(name: str, fallback: NDArray) -> NDArray:
+        return np.where(keep, getattr(full, name), fallback)
+
+    merged = FitResult(
+        cbf=pick("cbf", tissue.cbf),
+        att=pick("att", tissue.att),
+        cbf_se=pick("cbf_se", tissue.cbf_se),
+        att_se=pick("att_se", tissue.att_se),
+        abv=pick("abv", np.zeros_like(nan)),
+        abat=pick("abat", nan),
+        abv_se=pick("abv_se", nan),
+        abat_se=pick("abat_se", nan),
+        rmse=pick("rmse", tissue.rmse),
+        r2=pick("r2", tissue.r2),
+        failed=np.where(keep, full.failed, tissue.failed),
+        reason=np.where(keep, full.reason, tissue.reason).astype(np.uint8),
+        n_iter=np.where(keep, full.n_iter, tissue.n_iter).astype(np.int32),
+    )
+    return merged, keep

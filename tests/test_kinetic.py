@@ -1,0 +1,526 @@
+"""The multi-delay kinetic model and its fit (aslprep_lite.quant.kinetic).
+
+Model values were worked out by hand from the printed equations of Buxton et al. 1998 (MRM
+40:383); the working is in the comments. Fit tests simulate many noise realisations of a
+voxel at once: each realisation is one "voxel" of a single vectorised fit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aslprep_lite.quant import kinetic
+from aslprep_lite.quant.cbf import pasl_cbf, pcasl_cbf
+from aslprep_lite.quant.kinetic import (
+    FAIL_AT_BOUNDS,
+    FAIL_INPUT,
+    FAIL_SINGULAR,
+    arterial_signal,
+    fit_multidelay,
+    kinetic_jacobian,
+    tissue_signal,
+    weighted_delay_att,
+)
+
+T1B = 1.65  # s, blood at 3 T (Alsop et al. 2015)
+PCASL = {"asl_type": "PCASL", "t1_blood": T1B, "labeling_efficiency": 0.85}
+PASL = {"asl_type": "PASL", "t1_blood": T1B, "labeling_efficiency": 0.98}
+
+# asl004-like: 6 PLDs 0.25-1.5 s, τ 1.4 s. HCP-Aging: PLD 0.2/0.7/1.2 × 12, 1.7 × 20,
+# 2.2 × 30 volumes, τ 1.5 s.
+ASL004_PLDS = np.arange(0.25, 1.51, 0.25)
+HCPA_PLDS = np.repeat([0.2, 0.7, 1.2, 1.7, 2.2], [12, 12, 12, 20, 30])
+DESIGNS = {
+    "asl004": (np.tile(ASL004_PLDS, 8), 1.4),  # 8 repeats, interleaved
+    "hcp-aging": (HCPA_PLDS, 1.5),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Model against hand values
+# --------------------------------------------------------------------------------------------
+def test_pcasl_phases_by_hand():
+    # CBF 60 -> f = 0.01 mL/g/s; 2 α f / λ = 2 * 0.85 * 0.01 / 0.9 = 0.0188889 /s.
+    # Δt 1.2 s, τ 1.0 s: the label arrives from t = 1.2 to 2.2 s (t = τ + PLD).
+    # PLD 0.1: t = 1.1 < Δt -> 0.
+    # PLD 0.5: t = 1.5, rising: 0.0188889 e^(-1.2/1.65) 1.65 (1 - e^(-0.3/1.65))
+    #   = 0.0188889 * 0.4832251 * 1.65 * 0.1662471 = 0.00250377
+    # PLD 1.5: t = 2.5, decay: 0.0188889 e^(-1.2/1.65) 1.65 e^(-0.3/1.65) (1 - e^(-1/1.65))
+    #   = 0.0188889 * 1.65 * e^(-1.5/1.65) * 0.4545044
+    #   = 0.0188889 * 1.65 * 0.4028903 * 0.4545044 = 0.00570710
+    signal = tissue_signal([60.0], [1.2], [0.1, 0.5, 1.5], 1.0, **PCASL)
+    np.testing.assert_allclose(signal[0], [0.0, 0.00250377, 0.00570710], rtol=1e-5)
+
+
+def test_pcasl_tissue_t1_by_hand():
+    # T1' = 1.3 s, same timing as above.
+    # rising: 0.0188889 e^(-1.2/1.65) 1.3 (1 - e^(-0.3/1.3))
+    #   = 0.0188889 * 0.4832251 * 1.3 * 0.2060773 = 0.00244528
+    # decay: 0.0188889 e^(-1.2/1.65) 1.3 e^(-0.3/1.3) (1 - e^(-1/1.3))
+    #   = 0.0188889 * 0.4832251 * 1.3 * 0.7939227 * 0.5366306 = 0.00505537
+    signal = tissue_signal([60.0], [1.2], [0.5, 1.5], 1.0, t1_tissue=1.3, **PCASL)
+    np.testing.assert_allclose(signal[0], [0.00244528, 0.00505537], rtol=1e-5)
+
+
+def test_pasl_phases_by_hand():
+    # α 0.98: 2 α f / λ = 2 * 0.98 * 0.01 / 0.9 = 0.0217778 /s. Δt 0.7 s, bolus TI1 0.8 s.
+    # TI 0.5 < Δt -> 0.
+    # TI 1.2, rising: 0.0217778 (TI - Δt) e^(-TI/T1b) = 0.0217778 * 0.5 * 0.4832251
+    #   = 0.00526178
+    # TI 2.0, decay: 0.0217778 TI1 e^(-TI/T1b) = 0.0217778 * 0.8 * 0.2975654 = 0.00518425
+    signal = tissue_signal([60.0], [0.7], [0.5, 1.2, 2.0], 0.8, **PASL)
+    np.testing.assert_allclose(signal[0], [0.0, 0.00526178, 0.00518425], rtol=1e-5)
+    # T1' = 1.3 s, k = 1/1.65 - 1/1.3 = -0.1631702:
+    # decay: 0.0217778 e^(-0.7/1.65) e^(-1.3/1.3) (1 - e^(-k 0.8)) / k
+    #   = 0.0217778 * 0.6542653 * 0.3678794 * (-0.1394391 / -0.1631702) = 0.00447937
+    signal = tissue_signal([60.0], [0.7], [2.0], 0.8, t1_tissue=1.3, **PASL)
+    assert signal[0, 0] == pytest.approx(0.00447937, rel=1e-5)
+
+
+def test_arterial_by_hand():
+    # aBV 0.01, aBAT 0.5 s, σ 0.1 s, τ 1.4 s; 2 α / λ = 2 * 0.85 / 0.9 = 1.888889.
+    # PLD 0.3 (t = 1.7): box = Φ((1.7-0.5)/0.1) - Φ((1.7-1.9)/0.1) = Φ(12) - Φ(-2)
+    #   = 1 - 0.0227501 = 0.9772499; c = e^(-0.5/1.65) box = 0.7385767 * 0.9772499
+    #   = 0.7217740; ΔM/M0 = 1.888889 * 0.01 * 0.7217740 = 0.01363351
+    # PLD 1.0 (t = 2.4): box = Φ(19) - Φ(5) = 2.87e-7 -> 0 to 1e-8.
+    signal = arterial_signal([0.01], [0.5], [0.3, 1.0], 1.4, **PCASL)
+    np.testing.assert_allclose(signal[0], [0.01363351, 0.0], rtol=1e-5, atol=1e-8)
+    # PASL: c = e^(-TI/T1b) box. TI 1.0, bolus 0.8: box = Φ(5) - Φ(-3) = 0.9986498;
+    #   2 α / λ = 2 * 0.98 / 0.9 = 2.177778; ΔM/M0 = 2.177778 * 0.01 * e^(-1/1.65) * 0.9986498
+    #   = 2.177778 * 0.01 * 0.5454956 * 0.9986498 = 0.01186364
+    signal = arterial_signal([0.01], [0.5], [1.0], 0.8, **PASL)
+    assert signal[0, 0] == pytest.approx(0.01186364, rel=1e-5)
+
+
+def test_m0_scaling_and_shapes():
+    cbf = np.array([[40.0, 60.0], [80.0, 20.0]])
+    att = np.full((2, 2), 1.0)
+    m0 = np.array([[1000.0, 900.0], [800.0, 700.0]])
+    plds = np.array([0.5, 1.0, 1.5])
+    relative = tissue_signal(cbf, att, plds, 1.8, **PCASL)
+    absolute = tissue_signal(cbf, att, plds, 1.8, m0=m0, **PCASL)
+    assert relative.shape == (2, 2, 3)
+    np.testing.assert_allclose(absolute, relative * m0[..., None])
+    with pytest.raises(ValueError, match="asl_type"):
+        tissue_signal(cbf, att, plds, 1.8, asl_type="FAIR", t1_blood=T1B, labeling_efficiency=1)
+
+
+@pytest.mark.parametrize(("pld", "att"), [(1.8, 1.2), (1.5, 1.5), (2.0, 0.4), (1.0, 0.9)])
+def test_pcasl_equals_consensus_once_arrived(pld: float, att: float):
+    """PLD >= ATT: the kinetic model inverted by Alsop's eq. [1] (quant/cbf.py) gives CBF."""
+    for tau in (1.4, 1.8):
+        deltam = tissue_signal([72.0], [att], [pld], tau, m0=[1000.0], **PCASL)
+        cbf = pcasl_cbf(
+            deltam[0, 0],
+            1000.0,
+            pld=pld,
+            labeling_duration=tau,
+            t1_blood=T1B,
+            labeling_efficiency=0.85,
+        )
+        assert cbf == pytest.approx(72.0, rel=1e-12)
+
+
+def test_pcasl_below_consensus_before_arrival():
+    # PLD 0.5 < ATT 1.2: part of the bolus is still in transit, the consensus formula
+    # underestimates CBF.
+    deltam = tissue_signal([72.0], [1.2], [0.5], 1.8, m0=[1000.0], **PCASL)
+    cbf = pcasl_cbf(
+        deltam[0, 0],
+        1000.0,
+        pld=0.5,
+        labeling_duration=1.8,
+        t1_blood=T1B,
+        labeling_efficiency=0.85,
+    )
+    assert cbf < 0.8 * 72.0
+
+
+@pytest.mark.parametrize("ti", [1.6, 2.5])
+def test_pasl_equals_consensus_once_arrived(ti: float):
+    deltam = tissue_signal([45.0], [0.7], [ti], 0.8, m0=[1000.0], **PASL)
+    cbf = pasl_cbf(
+        deltam[0, 0],
+        1000.0,
+        inversion_time=ti,
+        bolus_duration=0.8,
+        t1_blood=T1B,
+        labeling_efficiency=0.98,
+    )
+    assert cbf == pytest.approx(45.0, rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Jacobian
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("asl", ["PCASL", "PASL"])
+@pytest.mark.parametrize("t1_tissue", [None, 1.3])
+@pytest.mark.parametrize("arterial", [False, True])
+def test_jacobian_matches_central_differences(asl: str, t1_tissue: float | None, arterial: bool):
+    rng = np.random.default_rng(7)
+    n = 300
+    params = [
+        rng.uniform(10, 100, n),  # cbf
+        rng.uniform(0.3, 2.0, n),  # att
+        rng.uniform(0.001, 0.02, n),  # abv
+        rng.uniform(0.2, 1.2, n),  # abat
+    ][: 4 if arterial else 2]
+    constants = PCASL if asl == "PCASL" else PASL
+    delay = np.array([0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0])
+    duration = 1.4 if asl == "PCASL" else 0.8
+    t = delay + (duration if asl == "PCASL" else 0.0)
+
+    def model(p: list[np.ndarray]) -> np.ndarray:
+        extra = {"abv": p[2], "abat": p[3]} if arterial else {}
+        return kinetic_jacobian(
+            p[0], p[1], delay, duration, t1_tissue=t1_tissue, **extra, **constants
+        )[0]
+
+    _, jacobian = kinetic_jacobian(
+        params[0],
+        params[1],
+        delay,
+        duration,
+        t1_tissue=t1_tissue,
+        **({"abv": params[2], "abat": params[3]} if arterial else {}),
+        **constants,
+    )
+    assert jacobian.shape == (n, delay.size, len(params))
+    # The tissue curve has kinks at t = Δt and t = Δt + τ: compare away from them.
+    away = (np.abs(t - params[1][:, None]) > 1e-3) & (
+        np.abs(t - params[1][:, None] - duration) > 1e-3
+    )
+    for j, value in enumerate(params):
+        h = 1e-6 * np.abs(value).mean()
+        up = [p + h * (i == j) for i, p in enumerate(params)]
+        down = [p - h * (i == j) for i, p in enumerate(params)]
+        numeric = (model(up) - model(down)) / (2 * h)
+        scale = np.abs(jacobian[..., j]).max()
+        np.testing.assert_allclose(
+            jacobian[..., j][away], numeric[away], rtol=0, atol=1e-7 * scale, err_msg=f"p{j}"
+        )
+
+
+def test_jacobian_is_zero_before_arrival_and_att_free_after():
+    # Before arrival nothing depends on anything; after full arrival with T1' = T1b the
+    # (P)CASL signal does not depend on ATT (the consensus model).
+    signal, jacobian = kinetic_jacobian([60.0], [1.0], [0.0, 1.5], 0.5, **PCASL)
+    assert signal[0, 0] == 0 and np.all(jacobian[0, 0] == 0)
+    assert jacobian[0, 1, 1] == pytest.approx(0.0, abs=1e-15)
+    assert jacobian[0, 1, 0] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Fit
+# --------------------------------------------------------------------------------------------
+COMBOS = [(cbf, att) for att in (0.8, 1.3, 1.8) for cbf in (20.0, 60.0, 90.0)]
+REALISATIONS = 2000
+M0 = 1000.0
+#: ΔM noise SD per volume (0.05 % of M0): per-volume SNR ≈ 14 at CBF 60 after arrival, where
+#: the least-squares estimator is close to its asymptotic (Cramér-Rao) regime and
+#: sqrt(diag(s²(JᵀJ)⁻¹)) is expected to describe its spread. At 0.1 % the spread of the
+#: hardest combination (CBF 20, ATT 1.8 s > longest asl004 PLD) is already 19 % above it.
+NOISE_SD = 0.5
+
+
+@pytest.fixture(scope="module", params=sorted(DESIGNS))
+def noisy_fit(request: pytest.FixtureRequest) -> tuple[str, np.ndarray, np.ndarray, object]:
+    plds, tau = DESIGNS[request.param]
+    rng = np.random.default_rng(2024)
+    cbf = np.repeat([c for c, _ in COMBOS], REALISATIONS)
+    att = np.repeat([a for _, a in COMBOS], REALISATIONS)
+    m0 = np.full(cbf.size, M0)
+    clean = tissue_signal(cbf, att, plds, tau, m0=m0, **PCASL)
+    noisy = clean + rng.normal(size=clean.shape) * NOISE_SD
+    return request.param, cbf, att, fit_multidelay(noisy, m0, plds, tau, **PCASL)
+
+
+def test_fit_recovers_cbf_and_att(noisy_fit):
+    """Bias within 1 % (CBF) / 10 ms (ATT) plus 4 standard errors of the mean."""
+    design, cbf, att, result = noisy_fit
+    for true_cbf, true_att in COMBOS:
+        pick = (cbf == true_cbf) & (att == true_att)
+        label = f"{design} CBF {true_cbf} ATT {true_att}"
+        fitted_cbf, fitted_att = result.cbf[pick], result.att[pick]
+        sem_cbf = fitted_cbf.std() / np.sqrt(pick.sum())
+        sem_att = fitted_att.std() / np.sqrt(pick.sum())
+        assert abs(fitted_cbf.mean() - true_cbf) < 0.01 * true_cbf + 4 * sem_cbf, label
+        assert abs(fitted_att.mean() - true_att) < 0.01 + 4 * sem_att, label
+
+
+def test_fit_standard_errors_match_spread(noisy_fit):
+    """RMS of the reported standard errors within 15 % of the SD across realisations."""
+    design, cbf, att, result = noisy_fit
+    for true_cbf, true_att in COMBOS:
+        pick = (cbf == true_cbf) & (att == true_att)
+        label = f"{design} CBF {true_cbf} ATT {true_att}"
+        for value, se in ((result.cbf, result.cbf_se), (result.att, result.att_se)):
+            ratio = np.sqrt(np.mean(se[pick] ** 2)) / value[pick].std()
+            assert 0.85 < ratio < 1.15, (label, ratio)
+
+
+def test_fit_quality_fields(noisy_fit):
+    design, _, _, result = noisy_fit
+    # Well-posed voxels are not flagged (a handful may end on an ATT kink or bound).
+    assert result.failed.mean() < 0.002, design
+    # RMSE estimates the noise SD (RSS/N vs RSS/(N-2): within a few %).
+    assert np.median(result.rmse) == pytest.approx(NOISE_SD, rel=0.05)
+    assert np.all(result.r2 <= 1) and np.median(result.r2) > 0.9
+    assert np.all(result.n_iter >= 1)
+
+
+@pytest.mark.parametrize("design", sorted(DESIGNS))
+def test_pure_noise_voxels_are_flagged_or_insignificant(design: str):
+    """Without signal, CBF ≈ 0 and ATT barely changes the model.
+
+    About 40 % of such voxels end with a standard error of ATT wider than its bounds or on an
+    ATT bound and are flagged (FAIL_SINGULAR, FAIL_AT_BOUNDS); the others converge to a
+    small curve fitted to the noise, with |CBF| / se ≈ 1 (≈ 30 for the signal voxels), so a
+    significance threshold, not the failure mask, is what rejects them.
+    """
+    plds, tau = DESIGNS[design]
+    rng = np.random.default_rng(5)
+    n = 4000
+    result = fit_multidelay(
+        rng.normal(size=(n, plds.size)) * NOISE_SD, np.full(n, M0), plds, tau, **PCASL
+    )
+    assert 0.25 < result.failed.mean() < 0.6
+    flags = result.reason[result.failed]
+    assert np.all((flags & (FAIL_SINGULAR | FAIL_AT_BOUNDS)) != 0)
+    kept = ~result.failed
+    assert np.median(np.abs(result.cbf[kept] / result.cbf_se[kept])) < 1.5
+
+
+def test_standard_error_matches_independent_computation():
+    """se from the grouped (per-delay mean) fit = se of the plain all-volume problem."""
+    plds, tau = DESIGNS["hcp-aging"]
+    rng = np.random.default_rng(3)
+    deltam = tissue_signal([55.0], [1.1], plds, tau, m0=[M0], **PCASL)
+    deltam = deltam + rng.normal(size=deltam.shape) * 2.0
+    result = fit_multidelay(deltam, [M0], plds, tau, **PCASL)
+    cbf, att = result.cbf[0], result.att[0]
+    # Finite-difference Jacobian over all 86 volumes and s² = RSS / (N - 2).
+    model = tissue_signal([cbf], [att], plds, tau, m0=[M0], **PCASL)[0]
+    d_cbf = (
+        tissue_signal([cbf + 1e-4], [att], plds, tau, m0=[M0], **PCASL)[0]
+        - tissue_signal([cbf - 1e-4], [att], plds, tau, m0=[M0], **PCASL)[0]
+    ) / 2e-4
+    d_att = (
+        tissue_signal([cbf], [att + 1e-6], plds, tau, m0=[M0], **PCASL)[0]
+        - tissue_signal([cbf], [att - 1e-6], plds, tau, m0=[M0], **PCASL)[0]
+    ) / 2e-6
+    jac = np.stack([d_cbf, d_att], axis=1)
+    rss = np.sum((deltam[0] - model) ** 2)
+    cov = rss / (plds.size - 2) * np.linalg.inv(jac.T @ jac)
+    np.testing.assert_allclose([result.cbf_se[0], result.att_se[0]], np.sqrt(np.diag(cov)), 1e-5)
+    assert result.rmse[0] == pytest.approx(np.sqrt(rss / plds.size), rel=1e-9)
+    # The gradient of the RSS vanishes at the solution.
+    assert np.abs(jac.T @ (deltam[0] - model) / np.sqrt(np.diag(jac.T @ jac))).max() < 1e-6
+
+
+def test_fit_is_independent_of_volume_order_and_noiseless_exact():
+    plds, tau = DESIGNS["asl004"]
+    cbf = np.array([25.0, 50.0, 75.0, 100.0])
+    att = np.array([0.6, 1.0, 1.45, 2.1])
+    m0 = np.array([900.0, 1000.0, 1100.0, 1200.0])
+    deltam = tissue_signal(cbf, att, plds, tau, m0=m0, **PCASL)
+    result = fit_multidelay(deltam, m0, plds, tau, **PCASL)
+    np.testing.assert_allclose(result.cbf, cbf, rtol=1e-7)
+    np.testing.assert_allclose(result.att, att, atol=1e-7)
+    assert not result.failed.any()
+    assert np.all(result.rmse < 1e-8)
+    np.testing.assert_allclose(result.r2, 1.0, atol=1e-12)
+
+    order = np.random.default_rng(0).permutation(plds.size)
+    shuffled = fit_multidelay(deltam[:, order], m0, plds[order], tau, **PCASL)
+    np.testing.assert_array_equal(shuffled.cbf, result.cbf)
+    np.testing.assert_array_equal(shuffled.att, result.att)
+
+
+def test_fit_pasl_and_delay_offsets():
+    # Multi-TI PASL, QUIPSS II bolus 0.8 s, and 2D slice offsets as a per-voxel delay.
+    tis = np.repeat(np.arange(0.6, 2.61, 0.2), 2)
+    cbf = np.array([30.0, 60.0, 90.0])
+    att = np.array([0.7, 0.9, 1.2])
+    offset = np.array([0.0, 0.3, 0.6])
+    m0 = np.full(3, M0)
+    deltam = tissue_signal(cbf, att, tis[None, :] + offset[:, None], 0.8, m0=m0, **PASL)
+    result = fit_multidelay(deltam, m0, tis, 0.8, delay_offset=offset, **PASL)
+    np.testing.assert_allclose(result.cbf, cbf, rtol=1e-7)
+    np.testing.assert_allclose(result.att, att, atol=1e-7)
+    # Ignoring the offsets misfits the late slices.
+    wrong = fit_multidelay(deltam, m0, tis, 0.8, **PASL)
+    assert abs(wrong.att[2] - att[2]) > 0.3
+
+
+def test_invalid_voxels_are_flagged_not_fitted():
+    plds, tau = DESIGNS["asl004"]
+    deltam = tissue_signal([60.0] * 3, [1.0] * 3, plds, tau, m0=[M0] * 3, **PCASL)
+    deltam[1, 4] = np.nan
+    result = fit_multidelay(deltam, [M0, M0, 0.0], plds, tau, **PCASL)
+    assert list(result.failed) == [False, True, True]
+    assert list(result.reason[1:]) == [FAIL_INPUT, FAIL_INPUT]
+    assert np.isnan(result.cbf[1:]).all()
+    assert result.cbf[0] == pytest.approx(60.0)
+    with pytest.raises(ValueError, match="distinct delays"):
+        fit_multidelay(deltam, [M0] * 3, np.full(plds.size, 1.0), tau, **PCASL)
+
+
+def test_att_before_shortest_pld_is_flagged():
+    # ATT 0.1 s < shortest PLD 0.25 s: every delay sees the complete bolus, ATT has no
+    # effect on the model; CBF is still right.
+    plds, tau = DESIGNS["asl004"]
+    deltam = tissue_signal([60.0], [0.1], plds, tau, m0=[M0], **PCASL)
+    result = fit_multidelay(deltam, [M0], plds, tau, **PCASL)
+    assert result.failed[0]
+    assert result.reason[0] & (FAIL_SINGULAR | FAIL_AT_BOUNDS)
+    assert result.cbf[0] == pytest.approx(60.0, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Arterial component
+# --------------------------------------------------------------------------------------------
+ARTERIAL_CASES = {
+    # asl_type: (delays, duration, cbf, att, abv, abat)
+    "PCASL": (
+        np.repeat(ASL004_PLDS, 2),
+        1.4,
+        [60.0, 60.0, 30.0, 90.0, 50.0],
+        [1.2, 1.0, 1.4, 0.9, 1.1],
+        [0.01, 0.02, 0.005, 0.015, 0.01],
+        [0.6, 0.5, 0.8, 0.7, 0.45],
+    ),
+    "PASL": (
+        np.arange(0.4, 3.01, 0.2),
+        0.8,
+        [60.0, 60.0, 30.0, 90.0, 50.0],
+        [0.96, 0.8, 1.12, 0.72, 0.88],
+        [0.01, 0.02, 0.005, 0.015, 0.01],
+        [0.6, 0.5, 0.8, 0.7, 0.45],
+    ),
+}
+
+
+@pytest.mark.parametrize("asl", sorted(ARTERIAL_CASES))
+def test_arterial_fit_recovers_noiseless(asl: str):
+    delays, duration, cbf, att, abv, abat = (np.asarray(v) for v in ARTERIAL_CASES[asl])
+    constants = PCASL if asl == "PCASL" else PASL
+    m0 = np.full(cbf.size, M0)
+    deltam, _ = kinetic_jacobian(
+        cbf, att, delays, duration, abv=abv, abat=abat, m0=m0, **constants
+    )
+    result = fit_multidelay(deltam, m0, delays, duration, arterial=True, **constants)
+    np.testing.assert_allclose(result.cbf, cbf, rtol=1e-6)
+    np.testing.assert_allclose(result.att, att, atol=1e-6)
+    np.testing.assert_allclose(result.abv, abv, rtol=1e-6)
+    np.testing.assert_allclose(result.abat, abat, atol=1e-6)
+    assert not result.failed.any()
+
+
+def test_arterial_absent_is_reported_not_failed():
+    # Tissue-only data: aBV ends on its lower bound 0, aBAT is undefined; the voxel is not
+    # failed and its tissue parameters are exact.
+    plds, tau = np.repeat(ASL004_PLDS, 2), 1.4
+    cbf, att = np.array([60.0, 45.0, 80.0]), np.array([1.2, 1.0, 0.8])
+    m0 = np.full(3, M0)
+    deltam = tissue_signal(cbf, att, plds, tau, m0=m0, **PCASL)
+    result = fit_multidelay(deltam, m0, plds, tau, arterial=True, **PCASL)
+    assert np.all(result.reason == kinetic.NO_ARTERIAL)
+    assert not result.failed.any()
+    assert np.all(result.abv == 0) and np.isnan(result.abat).all()
+    np.testing.assert_allclose(result.cbf, cbf, rtol=1e-9)
+    np.testing.assert_allclose(result.att, att, atol=1e-9)
+    assert np.isfinite(result.cbf_se).all() and np.isfinite(result.att_se).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Weighted delay
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("design", sorted(DESIGNS))
+def test_weighted_delay_recovers_att(design: str):
+    plds, tau = DESIGNS[design]
+    att = np.arange(0.4, 2.41, 0.1)
+    m0 = np.full(att.size, M0)
+    deltam = tissue_signal(np.full(att.size, 60.0), att, plds, tau, m0=m0, **PCASL)
+    result = weighted_delay_att(deltam, plds, tau, t1_blood=T1B)
+    # Noiseless: exact up to the table's 1 ms resolution.
+    np.testing.assert_allclose(result.att, att, atol=2e-3)
+    assert result.in_range.all()
+    assert result.att_range[0] == pytest.approx(plds.min())
+    # Dai et al. 2012's definition, by hand for one voxel: Σ w ΔM̄ / Σ ΔM̄ over the delays.
+    delays = np.unique(plds)
+    means = np.array([deltam[5, plds == d].mean() for d in delays])
+    assert result.weighted_delay[5] == pytest.approx((delays * means).sum() / means.sum())
+
+    # Noisy: unbiased within 20 ms for ATT inside the PLD range.
+    rng = np.random.default_rng(1)
+    true = np.repeat([0.8, 1.3], 2000)
+    clean = tissue_signal(np.full(true.size, 60.0), true, plds, tau, m0=[M0], **PCASL)
+    noisy = weighted_delay_att(clean + rng.normal(size=clean.shape) * 2.0, plds, tau, t1_blood=T1B)
+    for value in (0.8, 1.3):
+        assert abs(noisy.att[true == value].mean() - value) < 0.02
+
+
+def test_weighted_delay_ends_are_out_of_range():
+    plds, tau = DESIGNS["asl004"]
+    # ATT 0.1 < shortest PLD (flat part of the curve) and 2.8 s (only the last PLD sees
+    # label): both ends are ambiguous.
+    deltam = tissue_signal([60.0, 60.0], [0.1, 2.8], plds, tau, m0=[M0, M0], **PCASL)
+    result = weighted_delay_att(deltam, plds, tau, t1_blood=T1B)
+    assert not result.in_range.any()
+    np.testing.assert_allclose(result.att, result.att_range, atol=1e-9)
+    negative = weighted_delay_att(-deltam, plds, tau, t1_blood=T1B)
+    assert np.isnan(negative.att).all()
+
+
+def test_cbf_at_fixed_att_recovers_cbf_and_its_error():
+    """At the true ATT the linear solve is exact on noiseless data; its se matches the spread."""
+    from aslprep_lite.quant.kinetic import cbf_at_fixed_att, tissue_signal
+
+    plds = np.repeat([0.25, 0.5, 0.75, 1.0, 1.25, 1.5], 8)
+    tau = np.full(plds.shape, 1.4)
+    n_vox = 4000
+    m0 = np.full(n_vox, 1000.0)
+    att = np.full(n_vox, 1.1)
+    clean = tissue_signal(
+        np.full(n_vox, 60.0), att, plds, tau,
+        asl_type="PCASL", t1_blood=1.65, labeling_efficiency=0.85, m0=m0,
+    )  # fmt: skip
+    cbf, _ = cbf_at_fixed_att(
+        clean, m0, att, plds, tau, asl_type="PCASL", t1_blood=1.65, labeling_efficiency=0.85
+    )
+    np.testing.assert_allclose(cbf, 60.0, rtol=1e-10)
+    noisy = clean + np.random.default_rng(7).normal(0.0, 0.5, clean.shape)
+    cbf, se = cbf_at_fixed_att(
+        noisy, m0, att, plds, tau, asl_type="PCASL", t1_blood=1.65, labeling_efficiency=0.85
+    )
+    assert abs(cbf.mean() - 60.0) < 4 * cbf.std() / np.sqrt(n_vox)
+    assert np.median(se) / cbf.std() == pytest.approx(1.0, abs=0.08)
+
+
+def test_arterial_selection_keeps_real_and_rejects_absent_components():
+    """The F-test keeps the arterial model where there is macrovascular signal, not elsewhere."""
+    from aslprep_lite.quant.kinetic import arterial_signal, fit_with_arterial_selection
+
+    plds = np.repeat([0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0], 8)
+    tau = np.full(plds.shape, 1.4)
+    n_vox = 1500
+    m0 = np.full(n_vox, 1000.0)
+    options = {"asl_type": "PCASL", "t1_blood": 1.65, "labeling_efficiency": 0.85}
+    tissue = tissue_signal(np.full(n_vox, 60.0), np.full(n_vox, 1.2), plds, tau, m0=m0, **options)
+    arterial = arterial_signal(
+        np.full(n_vox, 0.01), np.full(n_vox, 0.5), plds, tau, m0=m0, **options
+    )
+    rng = np.random.default_rng(3)
+    noise = rng.normal(0.0, 0.5, (2, n_vox, plds.size))
+    # tissue only: about p_value of the voxels pass by chance, CBF stays unbiased
+    fit, kept = fit_with_arterial_selection(tissue + noise[0], m0, plds, tau, **options)
+    assert kept.mean() < 0.10
+    assert np.median(fit.cbf) == pytest.approx(60.0, rel=0.03)
+    assert np.all(fit.abv[~kept] == 0.0)
+    # with a macrovascular component: kept nearly everywhere, aBV and CBF recovered
+    fit, kept = fit_with_arterial_selection(tissue + arterial + noise[1], m0, plds, tau, **options)
+    assert kept.mean() > 0.95
+    assert np.median(fit.abv[kept]) == pytest.approx(0.01, rel=0.1)
+    assert np.median(fit.cbf[kept]) == pytest.approx(60.0, rel=0.05)
