@@ -24,7 +24,6 @@ from aslprep_lite.quant.deltam import plan_subtraction
 #: Fit settings written to the sidecar (the defaults of :func:`kinetic.fit_multidelay`).
 FIT_SETTINGS = {
     "CBFBounds": [-100.0, 500.0],
-    "ATTBounds": [0.0, 5.0],
     "ABVBounds": [0.0, 0.1],
     "ABATBounds": [0.0, 3.0],
     "ATTGridStep": 0.05,
@@ -87,15 +86,17 @@ class FitKineticModel(SimpleInterface):
 
         maps: dict[str, np.ndarray] = {}
         arterial_voxels = None
+        att_bounds = (0.0, kinetic.att_upper_bound(delays, plan.asl_type))
         if plan.att_method == "fit":
+            bounds = {"att_bounds": att_bounds}
             if plan.arterial_component:
                 fit, kept = kinetic.fit_with_arterial_selection(
-                    signal, m0_vox, delays, durations, delay_offset=offsets, **constants
+                    signal, m0_vox, delays, durations, delay_offset=offsets, **bounds, **constants
                 )
                 arterial_voxels = int(kept.sum())
             else:
                 fit = kinetic.fit_multidelay(
-                    signal, m0_vox, delays, durations, delay_offset=offsets, **constants
+                    signal, m0_vox, delays, durations, delay_offset=offsets, **bounds, **constants
                 )
             cbf, failed = fit.cbf, fit.failed
             maps["att.nii.gz"] = fit.att
@@ -159,7 +160,11 @@ class FitKineticModel(SimpleInterface):
                 if plan.arterial_component
                 else False
             ),
-            "FitSettings": FIT_SETTINGS,
+            "FitSettings": {
+                **FIT_SETTINGS,
+                "ATTBounds": list(att_bounds),
+                "ATTBoundsRule": "0 to the longest delay + 0.5 s (kinetic.att_upper_bound)",
+            },
             "FitFailures": failures,
             "FitFailureCodes": FAILURE_CODES,
             "NumberOfVoxelsFitted": int(mask.sum()),
