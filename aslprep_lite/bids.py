@@ -99,6 +99,10 @@ class RunPlan:
     warnings: list[str] = field(default_factory=list)
     att_method: str = "fit"
     arterial_component: bool = False
+    m0_calibration: str = "voxel"
+    m0_reference_mask: str | None = None
+    echo_time: float = 0.0
+    spin_echo: bool = False
 
     @property
     def volume_counts(self) -> dict[str, int]:
@@ -126,9 +130,14 @@ class RunPlan:
         """The quantification model this run uses."""
         if self.is_multidelay:
             kind = "multi-TI PASL" if self.asl_type == "PASL" else f"multi-delay {self.asl_type}"
+            fitted = (
+                "CBF fitted at the weighted-delay arterial transit time (Dai et al. 2012)"
+                if self.att_method == "weighted-delay"
+                else "fitted for CBF and arterial transit time"
+            )
             return (
-                f"{kind}: general kinetic model (Buxton et al. 1998) fitted for CBF and arterial "
-                f"transit time over {len(self.delays)} delays"
+                f"{kind}: general kinetic model (Buxton et al. 1998) {fitted} over "
+                f"{len(self.delays)} delays"
             )
         if self.asl_type == "PASL":
             return (
@@ -159,6 +168,8 @@ class RunPlan:
                 suffixes = [s for s in suffixes if s not in FITTED_ONLY_SUFFIXES]
             elif self.arterial_component:
                 suffixes += ARTERIAL_SUFFIXES
+        if self.m0_calibration != "voxel":
+            suffixes += ["desc-m0reference_mask.nii.gz"]
         return [f"{base}_{suffix}" for suffix in suffixes]
 
     def as_dict(self) -> dict[str, Any]:
@@ -386,6 +397,8 @@ def discover(
     check_images: bool = True,
     att_method: str = "fit",
     arterial_component: bool = False,
+    m0_calibration: str = "voxel",
+    m0_reference_mask: str | None = None,
 ) -> Discovery:
     """Find and validate every ASL run of the selected participants.
 
@@ -450,6 +463,8 @@ def discover(
                     check_images=check_images,
                     att_method=att_method,
                     arterial_component=arterial_component,
+                    m0_calibration=m0_calibration,
+                    m0_reference_mask=m0_reference_mask,
                 )
             )
         except AslprepError as err:
@@ -556,6 +571,8 @@ def plan_run(
     check_images: bool = True,
     att_method: str = "fit",
     arterial_component: bool = False,
+    m0_calibration: str = "voxel",
+    m0_reference_mask: str | None = None,
 ) -> RunPlan:
     """Validate one ASL run's files and metadata into a :class:`RunPlan`."""
     entities = layout.parse_file_entities(str(asl_file))
@@ -752,6 +769,31 @@ def plan_run(
         shape if check_images else None,
     )
 
+    echo_time, spin_echo = 0.0, False
+    if m0_calibration != "voxel":
+        if m0_type == "Estimate":
+            raise fields.error(
+                "M0Type",
+                f"is Estimate: --m0-calibration {m0_calibration} needs an M0 image "
+                "(Separate, Included or Absent)",
+            )
+        m0_meta = read_json(_sidecar_of(m0_file)) if m0_file else metadata
+        m0_sidecar = _Fields(m0_meta, _sidecar_of(m0_file) if m0_file else sidecar)
+        if m0_sidecar.has("EchoTime"):
+            raw_te = m0_meta["EchoTime"]
+            echo_time = m0_sidecar.number(
+                "EchoTime", raw_te[0] if isinstance(raw_te, list) else raw_te
+            )
+            if not 0 <= echo_time < 1:
+                raise m0_sidecar.error(
+                    "EchoTime", f"is {echo_time:g}: it must be in seconds, between 0 and 1"
+                )
+        else:
+            warnings.append(
+                "EchoTime missing: the reference-region M0 is not corrected for T2 decay"
+            )
+        sequence = str(metadata.get("PulseSequenceType", "")).lower()
+        spin_echo = "grase" in sequence or "spin" in sequence
     sources = [asl_file, aslcontext_file] + ([Path(m0_file)] if m0_file else [])
     out_dir = os.path.relpath(asl_file.parent, bids_dir)
     plan = RunPlan(
@@ -786,6 +828,10 @@ def plan_run(
         warnings=warnings,
         att_method=att_method,
         arterial_component=arterial_component,
+        m0_calibration=m0_calibration,
+        m0_reference_mask=m0_reference_mask,
+        echo_time=echo_time,
+        spin_echo=spin_echo,
     )
     for message in warnings:
         LOGGER.warning("%s: %s", sidecar, message)

@@ -35,6 +35,8 @@ class Settings:
     dummy_scans: int = 0
     att_method: str = "fit"
     arterial_component: bool = False
+    m0_calibration: str = "voxel"
+    m0_reference_mask: str | None = None
     dry_run: bool = False
     stop_on_first_crash: bool = False
     plugin: str | None = None
@@ -107,6 +109,22 @@ def build_settings(options: Any) -> Settings:
     plugin, plugin_args = (
         read_plugin_file(options.use_plugin) if options.use_plugin else (None, {})
     )
+    if options.arterial_component and options.att_method != "fit":
+        raise AslprepError("--arterial-component needs --att-method fit")
+    reference_mask = None
+    if options.m0_calibration != "voxel" and not options.m0_reference_mask:
+        # Segmenting CSF or WM from an M0 by intensity proved unreliable (partial volume,
+        # incomplete CSF recovery); that needs the anatomical workflow.
+        raise AslprepError(
+            f"--m0-calibration {options.m0_calibration} needs --m0-reference-mask FILE: a "
+            f"{options.m0_calibration.upper()} mask on the ASL grid"
+        )
+    if options.m0_reference_mask:
+        if options.m0_calibration == "voxel":
+            raise AslprepError("--m0-reference-mask needs --m0-calibration csf or wm")
+        reference_mask = str(Path(options.m0_reference_mask).expanduser().resolve())
+        if not Path(reference_mask).is_file():
+            raise AslprepError("reference mask file does not exist", path=reference_mask)
     nprocs = options.nprocs or os.cpu_count() or 1
     omp = min(options.omp_nthreads or nprocs, nprocs)
     return Settings(
@@ -125,6 +143,8 @@ def build_settings(options: Any) -> Settings:
         dummy_scans=options.dummy_scans,
         att_method=options.att_method,
         arterial_component=options.arterial_component,
+        m0_calibration=options.m0_calibration,
+        m0_reference_mask=reference_mask,
         dry_run=options.dry_run,
         stop_on_first_crash=options.stop_on_first_crash,
         plugin=plugin,

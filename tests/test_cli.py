@@ -181,7 +181,9 @@ def test_multidelay_fit(processed, subject):
     assert 0 < np.median(stderr[gm]) < 0.5 * truth.cbf[gm].mean()
     meta = json.loads((perf / f"sub-{subject}_cbf.json").read_text())
     assert meta["Model"].startswith("multi-")
-    assert len(meta["VolumesPerDelay"]) in (6, 7)
+    assert len(meta["DeltaMVolumesPerDelay"]) in (6, 7)
+    assert set(meta["DeltaMVolumesPerDelay"].values()) == {3}  # 3 pairs at every delay
+    assert meta["QualityWarnings"] == []
     assert meta["ATTMethod"] == "fit"
     assert json.loads((perf / f"sub-{subject}_att.json").read_text())["Units"] == "s"
     assert not (perf / f"sub-{subject}_desc-timeseries_cbf.nii.gz").exists()
@@ -440,3 +442,39 @@ def test_rerun_replaces_stale_outputs(processed, tmp_path):
     assert result.returncode == 0, result.stderr
     assert not stale.exists()
     assert tree_digest(perf) == tree_digest(_outputs(processed, "pasl"))
+
+
+def test_reference_region_calibration(processed, tmp_path):
+    """--m0-calibration wm: M0a and CBF follow the closed form (asl_calib's equation)."""
+    truth = processed["truth"]["pcasl"]
+    # the white-matter-dominated part of the phantom (no voxel is pure after partial volume)
+    reference = (truth.brain_mask & (truth.cbf > 15.0) & (truth.cbf < 30.0)).astype(np.uint8)
+    assert reference.sum() >= 20
+    mask_file = tmp_path / "wm_mask.nii.gz"
+    nb.Nifti1Image(reference, truth.affine).to_filename(mask_file)
+    result = run_cli(
+        str(processed["base"] / "bids"), str(tmp_path / "out"), "participant",
+        "-w", str(tmp_path / "w"), "--participant-label", "pcasl",
+        "--m0-calibration", "wm", "--m0-reference-mask", str(mask_file),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    perf = tmp_path / "out" / "sub-pcasl" / "perf"
+    region = json.loads((perf / "sub-pcasl_cbf.json").read_text())["M0"]["ReferenceRegion"]
+    te, tr = region["EchoTime"], region["RepetitionTime"]
+    signal = truth.m0[reference > 0].mean()  # the M0 was written fully relaxed (TR 6 s)
+    assert region["MeanSignal"] == pytest.approx(signal, rel=0.01)
+    # WM: T1 1.0 s, T2* 60 ms, partition coefficient 0.82; blood T2* 50 ms (gradient echo)
+    m0a = signal / (1 - np.exp(-tr / 1.0)) * np.exp(te / 0.06) / 0.82 * np.exp(-te / 0.05)
+    assert region["M0a"] == pytest.approx(m0a, rel=0.01)
+    # voxelwise, ΔM is divided by M0(v) / λ; here by M0a: CBF scales by (M0(v) / 0.9) / M0a
+    cbf = nb.load(perf / "sub-pcasl_cbf.nii.gz").get_fdata()
+    gm = truth.gm_mask
+    expected = (truth.cbf[gm] * truth.m0[gm] / 0.9).mean() / m0a
+    assert cbf[gm].mean() == pytest.approx(expected, rel=GM_TOLERANCE)
+    assert (perf / "sub-pcasl_desc-m0reference_mask.nii.gz").is_file()
+    missing = run_cli(
+        str(processed["base"] / "bids"), str(tmp_path / "o2"), "participant",
+        "--m0-calibration", "csf",
+    )  # fmt: skip
+    assert missing.returncode == 1
+    assert "needs --m0-reference-mask" in missing.stderr

@@ -22,7 +22,13 @@ def _numbers(entry: dict) -> list[float]:
     """The numeric value(s) of one constants.toml table (``value`` or ``values``)."""
     if "value" in entry:
         return [float(entry["value"])]
-    return [float(v) for v in entry["values"].values()]
+
+    def flatten(values) -> list[float]:  # e.g. reference_tissue: one table per tissue
+        if isinstance(values, dict):
+            return [number for v in values.values() for number in flatten(v)]
+        return [float(values)]
+
+    return flatten(entry["values"])
 
 
 def _spellings(value: float) -> set[str]:

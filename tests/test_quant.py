@@ -22,6 +22,7 @@ from aslprep_lite.quant.m0 import (
     SIGMA_TO_FWHM,
     brain_mask,
     otsu_threshold,
+    reference_region_m0,
     smooth_within_mask,
     tr_correction_factor,
 )
@@ -231,3 +232,28 @@ def test_implausible_cbf_warning():
     warning = implausible_cbf(np.full(mask.shape, 4500.0), mask, 5.0, 200.0)
     assert "4500" in warning and "--m0-scale" in warning
     assert "0.5" in implausible_cbf(np.full(mask.shape, 0.5), mask, 5.0, 200.0)
+
+
+def test_reference_region_m0():
+    # CSF, TR 6 s, TE 14 ms, T2* readout: 1400 / (1 - e^(-6/4.3)) = 1400 / 0.752266 = 1861.05;
+    # x e^(0.014/0.4) = 1927.33; / 1.15 = 1675.94; x e^(-0.014/0.05) = 1266.67
+    m0a = reference_region_m0(
+        1400.0,
+        repetition_time=6.0,
+        echo_time=0.014,
+        t1_reference=4.3,
+        t2_reference=0.4,
+        partition_coefficient=1.15,
+        t2_blood=0.05,
+    )
+    assert m0a == pytest.approx(1266.671, rel=1e-5)
+    # at TE 0 and a long TR it reduces to S / pc
+    assert reference_region_m0(
+        1150.0, repetition_time=1e6, echo_time=0.0, t1_reference=4.3, t2_reference=0.4,
+        partition_coefficient=1.15, t2_blood=0.05,
+    ) == pytest.approx(1000.0)  # fmt: skip
+    with pytest.raises(ValueError, match="> 0"):
+        reference_region_m0(
+            1.0, repetition_time=0.0, echo_time=0.0, t1_reference=4.3, t2_reference=0.4,
+            partition_coefficient=1.15, t2_blood=0.05,
+        )  # fmt: skip

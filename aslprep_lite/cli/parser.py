@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="discard the first N volumes of each ASL series (non-steady state)",
     )
     proc.add_argument(
+        "--m0-calibration",
+        choices=["voxel", "csf", "wm"],
+        default="voxel",
+        help="calibrate voxel by voxel with the M0 image, or with one arterial-blood M0 from a "
+        "reference region (CSF or white matter), as oxford_asl's asl_calib",
+    )
+    proc.add_argument(
+        "--m0-reference-mask",
+        metavar="FILE",
+        help="NIfTI mask of the reference region on the ASL grid, required by "
+        "--m0-calibration csf|wm",
+    )
+    proc.add_argument(
         "--att-method",
         choices=["fit", "weighted-delay"],
         default="fit",

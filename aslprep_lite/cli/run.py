@@ -272,6 +272,8 @@ def _main(options) -> int:
         check_images=not settings.dry_run,
         att_method=settings.att_method,
         arterial_component=settings.arterial_component,
+        m0_calibration=settings.m0_calibration,
+        m0_reference_mask=settings.m0_reference_mask,
     )
     failures = list(discovery.failures)
     if settings.dry_run:

@@ -17,8 +17,9 @@ from nipype.interfaces.base import (
 from aslprep_lite.bids import RunPlan
 from aslprep_lite.images import load_image, save_image
 from aslprep_lite.interfaces.cbf import quantification_parameters
+from aslprep_lite.quant import constants as quant_constants
 from aslprep_lite.quant import kinetic
-from aslprep_lite.quant.cbf import pasl_cbf, pcasl_cbf, slice_delays
+from aslprep_lite.quant.cbf import implausible_cbf, pasl_cbf, pcasl_cbf, slice_delays
 from aslprep_lite.quant.deltam import plan_subtraction
 
 #: Fit settings written to the sidecar (the defaults of :func:`kinetic.fit_multidelay`).
@@ -140,16 +141,21 @@ class FitKineticModel(SimpleInterface):
                 dtype=np.uint8 if is_mask else np.float32,
             )
             sidecars[suffix] = _map_sidecar(suffix, plan)
+        cbf_volume = to_volume(cbf)
         self._results["mean_file"] = save_image(
-            to_volume(cbf), img, os.path.join(runtime.cwd, "cbf.nii")
+            cbf_volume, img, os.path.join(runtime.cwd, "cbf.nii")
         )
+        bounds = quant_constants.table()["plausible_cbf"]["values"]
+        warning = implausible_cbf(cbf_volume, mask, bounds["low"], bounds["high"])
         self._results["maps"] = files
         self._results["maps_metadata"] = sidecars
         volumes_per_delay = {f"{d:g}": int((delays == d).sum()) for d in np.unique(delays)}
         self._results["metadata"] = {
+            "Description": "Cerebral blood flow from the kinetic-model fit over all delays",
+            "QualityWarnings": [warning] if warning else [],
             "Model": plan.model,
             "PostLabelingDelay" if plan.asl_type != "PASL" else "InversionTime": plan.delays,
-            "VolumesPerDelay": volumes_per_delay,
+            "DeltaMVolumesPerDelay": volumes_per_delay,
             "ATTMethod": plan.att_method,
             "ArterialComponent": (
                 {
@@ -232,7 +238,8 @@ def _map_sidecar(suffix: str, plan: RunPlan) -> dict[str, Any]:
         ),
         "desc-fitfailed_mask.nii.gz": (
             "1",
-            "Voxels where the fit failed (see FitFailures in the CBF sidecar); their maps are 0",
+            "Voxels where the fit failed (reasons in FitFailures of the CBF sidecar); their "
+            "values in the other maps are unreliable (0 where undefined)",
         ),
     }
     units, description = descriptions[suffix]

@@ -16,7 +16,12 @@ from nipype.interfaces.base import (
 from aslprep_lite.errors import AslprepError
 from aslprep_lite.images import load_image, save_image
 from aslprep_lite.quant import constants
-from aslprep_lite.quant.m0 import brain_mask, smooth_within_mask, tr_correction_factor
+from aslprep_lite.quant.m0 import (
+    brain_mask,
+    reference_region_m0,
+    smooth_within_mask,
+    tr_correction_factor,
+)
 from aslprep_lite.registration import register_rigid, resample_to
 
 
@@ -33,6 +38,7 @@ class _PrepareM0InputSpec(BaseInterfaceInputSpec):
 class _PrepareM0OutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="calibration M0 on the ASL grid")
     mask_file = File(exists=True, desc="brain mask on the ASL grid")
+    reference_mask_file = File(desc="reference-region mask (--m0-calibration csf|wm)")
     metadata = traits.Dict(desc="how the M0 was made, for the sidecars")
 
 
@@ -128,10 +134,22 @@ class PrepareM0(SimpleInterface):
                 "no brain found in the M0/reference image (empty mask)", path=plan["asl_file"]
             )
         m0 = m0 * self.inputs.m0_scale
-        m0 = smooth_within_mask(m0, mask, zooms, self.inputs.fwhm)
         meta["M0Scale"] = self.inputs.m0_scale
-        meta["SmoothingFWHM"] = {"Value": self.inputs.fwhm, "Units": "mm"}
-        meta["SmoothingMethod"] = "Gaussian, normalized within the brain mask"
+        if plan["m0_calibration"] == "voxel":
+            m0 = smooth_within_mask(m0, mask, zooms, self.inputs.fwhm)
+            meta["SmoothingFWHM"] = {"Value": self.inputs.fwhm, "Units": "mm"}
+            meta["SmoothingMethod"] = "Gaussian, normalized within the brain mask"
+        else:
+            # The reference region takes the signal as acquired: it applies its own T1.
+            signal = m0 / meta.get("TRCorrectionFactor", 1.0)
+            reference = self._reference_mask(plan, signal, mask)
+            m0a, meta["ReferenceRegion"] = _reference_calibration(plan, signal, reference)
+            lam = constants.scalar("partition_coefficient").value
+            # CBF's voxelwise formula divides by M0/λ; a uniform λ·M0a makes that M0a.
+            m0 = np.where(mask, lam * m0a, 0.0)
+            self._results["reference_mask_file"] = save_image(
+                reference, img, os.path.join(runtime.cwd, "reference_mask.nii"), dtype=np.uint8
+            )
         meta["BrainMask"] = (
             f"Otsu threshold of the {mask_source} smoothed at 3 mm FWHM, largest component, "
             "holes filled"
@@ -145,6 +163,58 @@ class PrepareM0(SimpleInterface):
         )
         self._results["metadata"] = meta
         return runtime
+
+    @staticmethod
+    def _reference_mask(plan: dict, signal: np.ndarray, brain: np.ndarray) -> np.ndarray:
+        """The user's reference-region mask, on the ASL grid."""
+        path = plan["m0_reference_mask"]
+        given, _ = load_image(path, what="reference mask")
+        if given.shape[:3] != signal.shape:
+            raise AslprepError(
+                f"has shape {given.shape[:3]} but the ASL grid is {signal.shape}: "
+                "resample the mask onto the ASL image",
+                path=path,
+            )
+        reference = given.reshape(signal.shape) > 0
+        if not reference.any():
+            raise AslprepError("the reference-region mask is empty", path=path)
+        return reference
+
+
+def _reference_calibration(plan: dict, signal: np.ndarray, reference: np.ndarray):
+    """M0a from the reference region, and the sidecar record of how it was computed."""
+    tissue = plan["m0_calibration"]
+    table = constants.table()
+    values = table["reference_tissue"]["values"][tissue]
+    echo = "t2" if plan["spin_echo"] else "t2star"
+    mean_signal = float(signal[reference].mean())
+    m0a = reference_region_m0(
+        mean_signal,
+        repetition_time=plan["m0_repetition_time"],
+        echo_time=plan["echo_time"],
+        t1_reference=values["t1"],
+        t2_reference=values[echo],
+        partition_coefficient=values["partition_coefficient"],
+        t2_blood=table["blood_t2"]["values"][echo],
+    )
+    record = {
+        "Method": f"reference region ({tissue.upper()}), as asl_calib in oxford_asl",
+        "Tissue": tissue,
+        "Voxels": int(reference.sum()),
+        "MeanSignal": mean_signal,
+        "RepetitionTime": plan["m0_repetition_time"],
+        "EchoTime": plan["echo_time"],
+        "ReferenceT1": values["t1"],
+        ("ReferenceT2" if echo == "t2" else "ReferenceT2Star"): values[echo],
+        "ReferencePartitionCoefficient": values["partition_coefficient"],
+        ("BloodT2" if echo == "t2" else "BloodT2Star"): table["blood_t2"]["values"][echo],
+        "Sources": [table["reference_tissue"]["source"], table["blood_t2"]["sources"][echo]],
+        "M0a": m0a,
+        "Equation": (
+            "M0a = S_ref / (1 - exp(-TR/T1_ref)) * exp(TE/T2_ref) / pc_ref * exp(-TE/T2_blood)"
+        ),
+    }
+    return m0a, record
 
 
 def _check_m0(m0: np.ndarray, path: str) -> None:

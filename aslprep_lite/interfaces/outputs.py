@@ -40,6 +40,7 @@ class _WriteInputSpec(BaseInterfaceInputSpec):
     settings = traits.Dict(mandatory=True, desc="processing settings recorded in sidecars")
     maps = traits.Dict(desc="{suffix: file} of further parameter maps (multi-delay fit)")
     maps_metadata = traits.Dict(desc="{suffix: sidecar} of those maps")
+    m0_reference_mask = File(desc="reference region of --m0-calibration csf|wm")
 
 
 class _WriteOutputSpec(TraitedSpec):
@@ -77,7 +78,7 @@ class WriteDerivatives(SimpleInterface):
                 {
                     "Units": "mL/100 g/min",
                     "Description": "Mean cerebral blood flow",
-                    **quant,
+                    **quant,  # a multi-delay fit brings its own Description
                     "M0": m0_meta,
                 },
             ),
@@ -115,6 +116,15 @@ class WriteDerivatives(SimpleInterface):
         for suffix, src in (self.inputs.maps or {}).items():
             dtype = np.uint8 if suffix.endswith("_mask.nii.gz") else np.float32
             files[suffix] = (src, dtype, self.inputs.maps_metadata[suffix])
+        if self.inputs.m0_reference_mask:
+            files["desc-m0reference_mask.nii.gz"] = (
+                self.inputs.m0_reference_mask,
+                np.uint8,
+                {
+                    "Type": m0_meta["ReferenceRegion"]["Tissue"].upper(),
+                    "Description": "Reference region of the M0 calibration",
+                },
+            )
         if self.inputs.mean_deltam:
             files["desc-mean_deltam.nii.gz"] = (
                 self.inputs.mean_deltam,

@@ -89,3 +89,31 @@ def smooth_within_mask(
     out = np.zeros_like(image)
     np.divide(smoothed, weights, out=out, where=mask & (weights > 1e-6))
     return out
+
+
+def reference_region_m0(
+    mean_signal: float,
+    *,
+    repetition_time: float,
+    echo_time: float,
+    t1_reference: float,
+    t2_reference: float,
+    partition_coefficient: float,
+    t2_blood: float,
+) -> float:
+    """Equilibrium magnetization of arterial blood, M0a, from a reference tissue.
+
+    As asl_calib in oxford_asl (Chappell et al. 2009): the mean M0 signal of the reference
+    tissue is corrected to full relaxation and to zero echo time, divided by the tissue's
+    water partition coefficient (mL/g, relative to blood), and brought back to the echo time
+    with blood's T2 (or T2*), so that it matches the ASL signal's own T2 decay::
+
+        M0a = S_ref / (1 − e^(−TR/T1_ref)) · e^(TE/T2_ref) / pc_ref · e^(−TE/T2_blood)
+
+    CBF then follows from the voxelwise formula with M0 replaced by λ·M0a everywhere.
+    """
+    if not repetition_time > 0:
+        raise ValueError(f"repetition time must be > 0 s, got {repetition_time}")
+    relaxed = mean_signal / (1.0 - np.exp(-repetition_time / t1_reference))
+    at_zero_echo = relaxed * np.exp(echo_time / t2_reference)
+    return float(at_zero_echo / partition_coefficient * np.exp(-echo_time / t2_blood))

@@ -33,6 +33,7 @@ def processing_parameters(settings: Settings) -> dict[str, Any]:
         "DummyScans": settings.dummy_scans,
         "ATTMethod": settings.att_method,
         "ArterialComponent": settings.arterial_component,
+        "M0Calibration": settings.m0_calibration,
         "RandomSeed": settings.seed,
     }
 
@@ -120,6 +121,7 @@ def init_asl_wf(plan: RunPlan, settings: Settings):
             ("outputnode.m0_file", "inputnode.m0"),
             ("outputnode.mask_file", "inputnode.mask"),
             ("outputnode.m0_metadata", "inputnode.m0_metadata"),
+            ("outputnode.reference_mask", "inputnode.m0_reference_mask"),
         ]),
         (confounds_wf, outputs_wf, [
             ("outputnode.confounds_file", "inputnode.confounds"),

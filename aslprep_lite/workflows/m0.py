@@ -42,7 +42,9 @@ def init_m0_wf(
     mask_file
         Brain mask.
     m0_metadata
-        How the M0 was made (source, TR correction, scale, smoothing).
+        How the M0 was made (source, TR correction, scale, smoothing or reference region).
+    reference_mask
+        Reference-region mask (``--m0-calibration csf|wm`` only).
     """
     workflow = pe.Workflow(name=name)
     workflow.__desc__ = (
@@ -54,7 +56,8 @@ def init_m0_wf(
     )
     inputnode = pe.Node(IdentityInterface(fields=["asl_file", "reference"]), name="inputnode")
     outputnode = pe.Node(
-        IdentityInterface(fields=["m0_file", "mask_file", "m0_metadata"]), name="outputnode"
+        IdentityInterface(fields=["m0_file", "mask_file", "m0_metadata", "reference_mask"]),
+        name="outputnode",
     )
     prepare = pe.Node(
         PrepareM0(plan=plan, m0_scale=m0_scale, fwhm=fwhm, seed=seed, n_threads=omp_nthreads),
@@ -67,6 +70,7 @@ def init_m0_wf(
             ("out_file", "m0_file"),
             ("mask_file", "mask_file"),
             ("metadata", "m0_metadata"),
+            ("reference_mask_file", "reference_mask"),
         ]),
     ])  # fmt: skip
     return workflow

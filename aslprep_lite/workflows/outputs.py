@@ -21,6 +21,7 @@ FIELDS = [
     "confounds_metadata",
     "maps",
     "maps_metadata",
+    "m0_reference_mask",
 ]
 
 
