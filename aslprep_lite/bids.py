@@ -660,8 +660,11 @@ def plan_run(
     efficiency = None
     if fields.has("LabelingEfficiency"):
         efficiency = fields.number("LabelingEfficiency")
-        if not 0 < efficiency <= 1:
-            raise fields.error("LabelingEfficiency", f"is {efficiency:g}; it must be in (0, 1]")
+        # Consensus values are 0.68-0.98; below 0.3 is a typo, not a labeling scheme.
+        if not 0.3 <= efficiency <= 1:
+            raise fields.error(
+                "LabelingEfficiency", f"is {efficiency:g}; it must be a fraction in [0.3, 1]"
+            )
     if background_suppression:
         if fields.has("BackgroundSuppressionNumberPulses"):
             pulses = fields.number("BackgroundSuppressionNumberPulses")

@@ -123,7 +123,8 @@ def test_manufacturer_is_optional_and_ms_hint(tmp_path):
         ({"MRAcquisitionType": "2D"}, "SliceTiming", "missing"),
         ({"M0Type": "Estimate"}, "M0Estimate", "missing"),
         ({"M0Type": "Absent", "BackgroundSuppression": True}, "M0Type", "Absent"),
-        ({"LabelingEfficiency": 1.5}, "LabelingEfficiency", "(0, 1]"),
+        ({"LabelingEfficiency": 1.5}, "LabelingEfficiency", "[0.3, 1]"),
+        ({"LabelingEfficiency": 1e-300}, "LabelingEfficiency", "[0.3, 1]"),
         ({"MagneticFieldStrength": 4.7}, "MagneticFieldStrength", "4.7 T"),
     ],
 )

@@ -116,8 +116,12 @@ def dataset(tmp_path_factory) -> Path:
     return root
 
 
+# derandomize: CI sees the same examples every run, so a failure reproduces instead of flaking
 @settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(run_metadata())
 def test_validation_is_total(dataset, case):
@@ -150,11 +154,13 @@ def _check_plan_quantifies(plan) -> None:
         bs_pulses=plan.bs_pulses,
     ).value
     assert 0 < alpha <= 1
-    deltam = np.random.default_rng(0).normal(10.0, 5.0, (2, 2, 3, max(len(labeled), 1)))
-    m0 = np.array([1000.0, 0.0, np.nan])[np.newaxis, np.newaxis, :].repeat(2, 0).repeat(2, 1)
+    n_slices = len(plan.slice_timing) if plan.slice_timing else 3
+    shape = (2, 2, n_slices, max(len(labeled), 1))
+    deltam = np.random.default_rng(0).normal(10.0, 5.0, shape)
+    m0 = np.resize([1000.0, 0.0, np.nan], shape[:3])  # valid, zero and missing M0 voxels
     delay = np.asarray(plan.post_labeling_delay)[labeled] if labeled else np.array([1.0])
     if plan.slice_timing:
-        delay = slice_delays(delay, plan.slice_timing[:3] or [0.0], ndim=4, slice_axis=2)
+        delay = slice_delays(delay, plan.slice_timing, ndim=4, slice_axis=2)
     if plan.asl_type == "PASL":
         bolus = pasl_bolus_duration(plan.bolus_cutoff_technique, delay, plan.bolus_cutoff_delay)
         assert np.all(np.asarray(bolus) > 0)

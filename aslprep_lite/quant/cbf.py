@@ -25,7 +25,9 @@ def _safe_ratio(numerator: NDArray, denominator: NDArray) -> NDArray:
     numerator, denominator = np.broadcast_arrays(numerator, denominator)
     out = np.zeros(numerator.shape, dtype=np.float64)
     valid = np.isfinite(denominator) & (denominator != 0) & np.isfinite(numerator)
-    np.divide(numerator, denominator, out=out, where=valid)
+    with np.errstate(over="ignore"):
+        np.divide(numerator, denominator, out=out, where=valid)
+    out[~np.isfinite(out)] = 0.0  # overflow: no finite CBF exists for such inputs
     return out
 
 
