@@ -2,6 +2,9 @@
 # aslprep_lite as a BIDS-App container:
 #   docker build -t aslprep_lite .
 #   docker run --rm -v /data:/data:ro -v /out:/out aslprep_lite /data /out participant
+# Mount a work directory to keep (and resume from) the intermediate files; without -w a
+# non-root or read-only run uses a folder in $TMPDIR:
+#   ... -v /scratch/work:/work aslprep_lite /data /out participant -w /work   (docs/hpc.md)
 # Two stages: the builder turns the source tree into a wheel and installs it, with its
 # dependencies (binary wheels), into a virtual environment; the final image is a plain Debian
 # with Python and that environment only: no compiler, no pip cache, no source tree.
@@ -22,9 +25,15 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/aslprep_lite
+# The dependencies first, from pyproject.toml alone: a change to the code reuses this layer.
 COPY pyproject.toml README.md /src/
+RUN --mount=type=secret,id=pipcert \
+    if [ -s /run/secrets/pipcert ]; then export PIP_CERT=/run/secrets/pipcert; fi \
+    && /opt/aslprep_lite/bin/python -c "import tomllib; print(*tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /tmp/requirements.txt \
+    && /opt/aslprep_lite/bin/pip install --prefer-binary -r /tmp/requirements.txt
+# Then the project as a wheel; then drop pip and the dependencies' own test suites and test
+# data (never used by the app).
 COPY aslprep_lite /src/aslprep_lite
-# Then drop pip and the dependencies' own test suites and test data (never used by the app).
 RUN --mount=type=secret,id=pipcert \
     if [ -s /run/secrets/pipcert ]; then export PIP_CERT=/run/secrets/pipcert; fi \
     && /opt/aslprep_lite/bin/pip wheel --no-deps --wheel-dir /dist /src \

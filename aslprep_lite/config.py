@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -53,6 +54,21 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+def default_work_dir(output_dir: Path) -> Path:
+    """``OUTPUT_DIR_work`` beside the outputs, or a per-user folder in $TMPDIR if that is not
+    writable (a non-root container, a read-only image under Apptainer).
+
+    The fallback name is fixed by the output directory and the user, so a rerun still finds
+    (and resumes from) it.
+    """
+    beside = output_dir.parent / f"{output_dir.name}_work"
+    existing = next(p for p in (beside, *beside.parents) if p.exists())
+    if os.access(existing, os.W_OK):
+        return beside
+    key = hashlib.sha1(str(output_dir).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"aslprep_lite_work-{os.getuid()}-{key}"
+
+
 def build_settings(options: Any) -> Settings:
     """Check the command-line options and turn them into :class:`Settings`.
 
@@ -75,7 +91,7 @@ def build_settings(options: Any) -> Settings:
     work_dir = (
         Path(options.work_dir).expanduser().resolve()
         if options.work_dir
-        else output_dir.parent / f"{output_dir.name}_work"
+        else default_work_dir(output_dir)
     )
     if _inside(work_dir, bids_dir):
         raise AslprepError(

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -478,3 +479,17 @@ def test_reference_region_calibration(processed, tmp_path):
     )  # fmt: skip
     assert missing.returncode == 1
     assert "needs --m0-reference-mask" in missing.stderr
+
+
+def test_default_work_dir_falls_back_when_not_writable(tmp_path, monkeypatch):
+    """Beside the outputs when writable; else a stable per-user folder in $TMPDIR."""
+    from aslprep_lite.config import default_work_dir
+
+    out = tmp_path / "derivatives" / "aslprep_lite"
+    assert default_work_dir(out) == tmp_path / "derivatives" / "aslprep_lite_work"
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a read-only image
+    fallback = default_work_dir(out)
+    assert fallback.parent == Path(tempfile.gettempdir())
+    assert fallback.name.startswith(f"aslprep_lite_work-{os.getuid()}-")
+    assert default_work_dir(out) == fallback  # stable: a rerun resumes from it
+    assert default_work_dir(tmp_path / "other") != fallback
