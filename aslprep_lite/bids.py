@@ -324,7 +324,7 @@ def load_layout(bids_dir: Path):
     read_json(description)
     # Malformed sidecars would otherwise surface as a pybids traceback without the file name.
     for path in sorted(bids_dir.glob("**/*.json")):
-        if "derivatives" not in path.relative_to(bids_dir).parts[:1] and path.is_file():
+        if "derivatives" not in path.relative_to(bids_dir).parts[:1]:
             read_json(path)
 
     from bids import BIDSLayout

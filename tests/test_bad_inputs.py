@@ -83,6 +83,17 @@ def garbage(relative: Path) -> Callable[[Path], None]:
     return mutate
 
 
+def make_directory(relative: Path) -> Callable[[Path], None]:
+    """An unreadable file: root reads any file whatever its mode, so use a directory."""
+
+    def mutate(root: Path) -> None:
+        path = root / relative
+        path.unlink()
+        path.mkdir()
+
+    return mutate
+
+
 def both(*mutations: Callable[[Path], None]) -> Callable[[Path], None]:
     def mutate(root: Path) -> None:
         for mutation in mutations:
@@ -113,6 +124,13 @@ CASES = [
     ("no-asl-runs", {}, no_asl_runs, ["no ASL runs"]),
     ("missing-sidecar", {}, remove(ASL_JSON), ["sub-01_asl.json", "missing"]),
     ("missing-aslcontext", {}, remove(CONTEXT), ["sub-01_aslcontext.tsv", "missing"]),
+    ("unreadable-sidecar", {}, make_directory(ASL_JSON), ["sub-01_asl.json", "cannot read"]),
+    (
+        "unreadable-aslcontext",
+        {},
+        make_directory(CONTEXT),
+        ["sub-01_aslcontext.tsv", "cannot read"],
+    ),
     ("malformed-json", {}, write_text(ASL_JSON, '{"M0Type": "Separate",'), ["not valid JSON"]),
     ("json-not-object", {}, write_text(ASL_JSON, "[1, 2]"), ["JSON object"]),
     ("truncated-nifti", {}, truncate(ASL_NII), ["sub-01_asl.nii.gz"]),
@@ -331,3 +349,41 @@ def test_traceback_only_with_verbose(tmp_path):
     loud = run_cli(str(tmp_path / "nope"), str(tmp_path / "o2"), "participant", "-v")
     assert loud.returncode != 0
     assert "Traceback" in loud.stderr
+
+
+def test_work_directory_full(tmp_path):
+    """A full disk, simulated by a file-size limit (writes fail as they would with ENOSPC)."""
+    import resource
+    import signal
+
+    bids = tmp_path / "bids"
+    write_dataset(bids, [SyntheticSpec(n_pairs=4, shape=(24, 24, 8))])
+    before = digest(bids)
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aslprep_lite",
+            str(bids),
+            str(out),
+            "participant",
+            "-w",
+            str(work),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_disk,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("aslprep-lite:")]
+    assert str(work) in line and "cannot write" in line and "free space" in line
+    assert not (out / "sub-01").exists()
+    assert digest(bids) == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -24,6 +25,8 @@ from aslprep_lite.config import Settings, build_settings, check_writable
 from aslprep_lite.errors import AslprepError
 
 LOGGER = logging.getLogger("aslprep_lite")
+#: Write errors that mean the disk (or the user's quota, or a file-size limit) is full.
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # errno values are ints
 #: The process that installed the signal handlers (nipype's forked workers inherit them).
 _MAIN_PID = os.getpid()
 DEPENDENCIES = ("nipype", "pybids", "nibabel", "numpy", "scipy", "SimpleITK")
@@ -113,18 +116,22 @@ def crash_messages(crash_dir: Path) -> dict[str, str]:
     messages = {}
     for crash in sorted(crash_dir.glob("crash-*.txt")):
         text = crash.read_text(errors="replace")
-        node = ""
-        for line in text.splitlines():
-            if line.startswith("Node:"):
-                node = line.split(":", 1)[1].strip()
-                break
+        header = dict(line.split(":", 1) for line in text.splitlines()[:3] if line.count(":") >= 1)
+        node = header.get("Node", "").strip()
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         reason = next(
             (line for line in reversed(lines) if "Error" in line.split(":", 1)[0]), lines[-1]
         )
         prefix = "aslprep_lite.errors.AslprepError:"
+        full_disk = next((e for e in DISK_FULL if f"[Errno {e}]" in reason), None)
         if reason.startswith(prefix):
             reason = reason[len(prefix) :].strip()
+        elif full_disk is not None:
+            where = header.get("Working directory", "").strip() or str(crash.parent)
+            reason = (
+                f"{where}: cannot write ({os.strerror(full_disk)}): free space on that "
+                "disk, or give -w (and OUTPUT_DIR) on one with room"
+            )
         else:
             reason = f"{reason} (details: {crash})"
         messages[node] = reason
