@@ -121,6 +121,11 @@ class RunPlan:
         )
 
     @property
+    def quantifies(self) -> bool:
+        """The run has ΔM to quantify (pairs or deltam); a cbf-only series needs no M0."""
+        return any(kind in ("control", "label", "deltam") for kind in self.context)
+
+    @property
     def is_multidelay(self) -> bool:
         """More than one delay among the labeled volumes: the kinetic model is fitted."""
         return len(self.delays) > 1
@@ -158,8 +163,9 @@ class RunPlan:
     def outputs(self) -> list[str]:
         """Derivative files this run writes, relative to the output directory."""
         base = os.path.join(self.out_dir, self.prefix)
-        has_deltam = any(kind in ("control", "deltam") for kind in self.context)
-        suffixes = [s for s in OUTPUT_SUFFIXES if has_deltam or "deltam" not in s]
+        suffixes = [
+            s for s in OUTPUT_SUFFIXES if self.quantifies or ("deltam" not in s and "m0" not in s)
+        ]
         if not self.is_multidelay:
             suffixes += SINGLE_DELAY_SUFFIXES
         else:
@@ -758,22 +764,26 @@ def plan_run(
         )
     repetition_time = tr_all[keep]
 
-    m0_file, m0_tr, m0_estimate = _plan_m0(
-        layout,
-        fields,
-        asl_file,
-        bids_dir,
-        subject,
-        m0_type,
-        context,
-        repetition_time,
-        background_suppression,
-        check_images,
-        shape if check_images else None,
-    )
+    m0_file = m0_tr = m0_estimate = None
+    if subtraction.n_volumes:
+        m0_file, m0_tr, m0_estimate = _plan_m0(
+            layout,
+            fields,
+            asl_file,
+            bids_dir,
+            subject,
+            m0_type,
+            context,
+            repetition_time,
+            background_suppression,
+            check_images,
+            shape if check_images else None,
+        )
+    else:
+        warnings.append("cbf volumes only: they are passed through, no M0 is used")
 
     echo_time, spin_echo = 0.0, False
-    if m0_calibration != "voxel":
+    if m0_calibration != "voxel" and subtraction.n_volumes:
         if m0_type == "Estimate":
             raise fields.error(
                 "M0Type",

@@ -493,3 +493,33 @@ def test_default_work_dir_falls_back_when_not_writable(tmp_path, monkeypatch):
     assert fallback.name.startswith(f"aslprep_lite_work-{os.getuid()}-")
     assert default_work_dir(out) == fallback  # stable: a rerun resumes from it
     assert default_work_dir(tmp_path / "other") != fallback
+
+
+def test_cbf_only_series(tmp_path):
+    """GE-style series of cbf volumes: passed through, averaged, no M0 needed."""
+    (truth,) = write_dataset(
+        tmp_path / "bids", [SyntheticSpec(n_pairs=2, deltam_only=True, m0_type="Included")]
+    )
+    perf = tmp_path / "bids" / "sub-01" / "perf"
+    noise = np.random.default_rng(0).normal(0.0, 2.0, (*truth.cbf.shape, 3))
+    series = (truth.cbf[..., np.newaxis] + noise).astype(np.float32)
+    nb.Nifti1Image(series, truth.affine).to_filename(perf / "sub-01_asl.nii.gz")
+    (perf / "sub-01_aslcontext.tsv").write_text("volume_type\ncbf\ncbf\ncbf\n")
+    meta = json.loads((perf / "sub-01_asl.json").read_text())
+    meta.update(M0Type="Absent", BackgroundSuppression=True, RepetitionTimePreparation=4.0)
+    (perf / "sub-01_asl.json").write_text(json.dumps(meta))
+    result = run_cli(
+        str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w")
+    )
+    assert result.returncode == 0, result.stderr
+    assert "cbf volumes only" in result.stderr
+    out = tmp_path / "out" / "sub-01" / "perf"
+    cbf = nb.load(out / "sub-01_cbf.nii.gz").get_fdata()
+    gm = truth.gm_mask
+    # the mean of three noisy copies of the truth: within 3 standard errors of it
+    assert cbf[gm].mean() == pytest.approx(
+        truth.cbf[gm].mean(), abs=3 * 2.0 / np.sqrt(3 * gm.sum())
+    )
+    assert json.loads((out / "sub-01_cbf.json").read_text())["PassedThroughCBFVolumes"] == 3
+    assert not (out / "sub-01_desc-preproc_m0scan.nii.gz").exists()
+    assert not (out / "sub-01_desc-mean_deltam.nii.gz").exists()

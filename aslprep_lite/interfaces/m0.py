@@ -13,6 +13,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from aslprep_lite.bids import RunPlan
 from aslprep_lite.errors import AslprepError
 from aslprep_lite.images import load_image, save_image
 from aslprep_lite.quant import constants
@@ -61,6 +62,19 @@ class PrepareM0(SimpleInterface):
         context = plan["context"]
         m0_type = plan["m0_type"]
         meta: dict = {"M0Type": m0_type}
+
+        if not RunPlan(**plan).quantifies:  # cbf volumes only: the M0 step gives the mask
+            mask = brain_mask(reference, zooms)
+            meta = {"Source": "none: a series of cbf volumes needs no calibration"}
+            meta["BrainMask"] = "Otsu threshold of the mean cbf volume, largest component"
+            self._results["out_file"] = save_image(
+                np.zeros(mask.shape), img, os.path.join(runtime.cwd, "m0.nii")
+            )
+            self._results["mask_file"] = save_image(
+                mask, img, os.path.join(runtime.cwd, "mask.nii"), dtype=np.uint8
+            )
+            self._results["metadata"] = meta
+            return runtime
 
         if m0_type == "Separate":
             m0_raw, m0_img = load_image(plan["m0_file"], what="M0")

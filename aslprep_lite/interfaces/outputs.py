@@ -20,6 +20,7 @@ from nipype.interfaces.base import (
 )
 
 from aslprep_lite import __version__
+from aslprep_lite.bids import RunPlan
 from aslprep_lite.images import save_image
 
 STAGING = ".aslprep_lite-staging"
@@ -82,15 +83,6 @@ class WriteDerivatives(SimpleInterface):
                     "M0": m0_meta,
                 },
             ),
-            "desc-preproc_m0scan.nii.gz": (
-                self.inputs.m0,
-                np.float32,
-                {
-                    "Units": "arbitrary",
-                    "Description": "Calibration M0 as used for CBF (corrected, scaled, smoothed)",
-                    **m0_meta,
-                },
-            ),
             "desc-brain_mask.nii.gz": (
                 self.inputs.mask,
                 np.uint8,
@@ -102,6 +94,16 @@ class WriteDerivatives(SimpleInterface):
                 self.inputs.confounds_metadata,
             ),
         }
+        if RunPlan(**plan).quantifies:
+            files["desc-preproc_m0scan.nii.gz"] = (
+                self.inputs.m0,
+                np.float32,
+                {
+                    "Units": "arbitrary",
+                    "Description": "Calibration M0 as used for CBF (corrected, scaled, smoothed)",
+                    **m0_meta,
+                },
+            )
         if self.inputs.cbf_timeseries:
             files["desc-timeseries_cbf.nii.gz"] = (
                 self.inputs.cbf_timeseries,
