@@ -387,3 +387,16 @@ def test_work_directory_full(tmp_path):
     assert str(work) in line and "cannot write" in line and "free space" in line
     assert not (out / "sub-01").exists()
     assert digest(bids) == before
+
+
+def test_unknown_participant_label(tmp_path):
+    bids = tmp_path / "bids"
+    write_dataset(bids, [SyntheticSpec(n_pairs=2, shape=(16, 16, 6))])
+    before = digest(bids)
+    result = run_cli(str(bids), str(tmp_path / "out"), "participant", "--participant-label", "02")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "participant label(s) 02 not found (the dataset has: 01)" in line
+    assert not (tmp_path / "out").exists()
+    assert digest(bids) == before
