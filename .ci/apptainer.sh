@@ -19,13 +19,8 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$ROOT/.ci/recipes/containers.conf}
 
 T0=$SECONDS
-say() { echo "[apptainer.sh] $*"; }
-timed() {  # timed LABEL COMMAND...: run it and print how long it took
-  local label=$1 start=$SECONDS
-  shift
-  "$@"
-  say "$label: $((SECONDS - start)) s"
-}
+# shellcheck source=.ci/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 [ -x "$PY" ] || { say "no $PY: create the project's venv first (.ci/run does)"; exit 1; }
 [ "$(id -u)" -eq 0 ] || { say "run as root (podman --privileged provides FUSE to Apptainer)"; exit 1; }
 

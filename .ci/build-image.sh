@@ -12,13 +12,8 @@ IMAGE=${IMAGE:-localhost/aslprep_lite:ci}
 PIPCERT=${PIPCERT-/etc/ssl/certs/ca-certificates.crt}
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/.ci/recipes/containers.conf}
 
-say() { echo "[build-image.sh] $*"; }
-timed() {  # timed LABEL COMMAND...: run it and print how long it took
-  local label=$1 start=$SECONDS
-  shift
-  "$@"
-  say "$label: $((SECONDS - start)) s"
-}
+# shellcheck source=.ci/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 install_podman() {
   local pkgs=(podman runc fuse-overlayfs slirp4netns uidmap debootstrap) installed

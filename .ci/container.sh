@@ -18,13 +18,8 @@ MAX_IMAGE_BYTES=1500000000
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$ROOT/.ci/recipes/containers.conf}
 
 T0=$SECONDS
-say() { echo "[container.sh] $*"; }
-timed() {  # timed LABEL COMMAND...: run it and print how long it took
-  local label=$1 start=$SECONDS
-  shift
-  "$@"
-  say "$label: $((SECONDS - start)) s"
-}
+# shellcheck source=.ci/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 [ -x "$PY" ] || { say "no $PY: create the project's venv first (.ci/run does)"; exit 1; }
 
 check_image() {

@@ -11,7 +11,8 @@ export S=${S:-/tmp/aslprep-slurm}
 export SLURM_CONF=$S/slurm.conf ASLPREP_SLURM_DIR=$S
 export ASLPREP_LITE_REQUIRE_SLURM=1   # the test must run here, not skip
 T0=$SECONDS
-say() { echo "[slurm.sh] $*"; }
+# shellcheck source=.ci/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 [ -x "$PY" ] || { say "no $PY: create the project's venv first (.ci/run does)"; exit 1; }
 
 start=$SECONDS

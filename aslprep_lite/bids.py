@@ -60,6 +60,16 @@ ARTERIAL_SUFFIXES = ("abv.nii.gz", "abat.nii.gz")
 ATT_METHODS = ("fit", "weighted-delay")
 
 
+@dataclass(frozen=True)
+class ProcessingOptions:
+    """Command-line choices that change what a run computes (and so, what it outputs)."""
+
+    att_method: str = "fit"
+    arterial_component: bool = False
+    m0_calibration: str = "voxel"
+    m0_reference_mask: str | None = None
+
+
 @dataclass
 class RunPlan:
     """Everything the workflow needs to process one ASL run, validated.
@@ -401,10 +411,7 @@ def discover(
     bids_filters: dict[str, Any] | None = None,
     dummy_scans: int = 0,
     check_images: bool = True,
-    att_method: str = "fit",
-    arterial_component: bool = False,
-    m0_calibration: str = "voxel",
-    m0_reference_mask: str | None = None,
+    options: ProcessingOptions = ProcessingOptions(),
 ) -> Discovery:
     """Find and validate every ASL run of the selected participants.
 
@@ -467,10 +474,7 @@ def discover(
                     bids_dir,
                     dummy_scans=dummy_scans,
                     check_images=check_images,
-                    att_method=att_method,
-                    arterial_component=arterial_component,
-                    m0_calibration=m0_calibration,
-                    m0_reference_mask=m0_reference_mask,
+                    options=options,
                 )
             )
         except AslprepError as err:
@@ -575,10 +579,7 @@ def plan_run(
     *,
     dummy_scans: int = 0,
     check_images: bool = True,
-    att_method: str = "fit",
-    arterial_component: bool = False,
-    m0_calibration: str = "voxel",
-    m0_reference_mask: str | None = None,
+    options: ProcessingOptions = ProcessingOptions(),
 ) -> RunPlan:
     """Validate one ASL run's files and metadata into a :class:`RunPlan`."""
     entities = layout.parse_file_entities(str(asl_file))
@@ -783,6 +784,7 @@ def plan_run(
         warnings.append("cbf volumes only: they are passed through, no M0 is used")
 
     echo_time, spin_echo = 0.0, False
+    m0_calibration = options.m0_calibration
     if m0_calibration != "voxel" and subtraction.n_volumes:
         if m0_type == "Estimate":
             raise fields.error(
@@ -839,10 +841,7 @@ def plan_run(
         m0_estimate=m0_estimate,
         source_files=["bids:raw:" + os.path.relpath(p, bids_dir) for p in sources],
         warnings=warnings,
-        att_method=att_method,
-        arterial_component=arterial_component,
-        m0_calibration=m0_calibration,
-        m0_reference_mask=m0_reference_mask,
+        **asdict(options),
         echo_time=echo_time,
         spin_echo=spin_echo,
     )

@@ -266,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(options) -> int:
-    from aslprep_lite.bids import discover
+    from aslprep_lite.bids import ProcessingOptions, discover
 
     settings = build_settings(options)
     start = time.monotonic()
@@ -277,10 +277,12 @@ def _main(options) -> int:
         bids_filters=settings.bids_filters,
         dummy_scans=settings.dummy_scans,
         check_images=not settings.dry_run,
-        att_method=settings.att_method,
-        arterial_component=settings.arterial_component,
-        m0_calibration=settings.m0_calibration,
-        m0_reference_mask=settings.m0_reference_mask,
+        options=ProcessingOptions(
+            att_method=settings.att_method,
+            arterial_component=settings.arterial_component,
+            m0_calibration=settings.m0_calibration,
+            m0_reference_mask=settings.m0_reference_mask,
+        ),
     )
     failures = list(discovery.failures)
     if settings.dry_run:
