@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 import pytest
+from helpers import edit_sidecar
 
 from aslprep_lite.synthetic import SyntheticSpec, write_dataset
 
@@ -31,14 +31,7 @@ M0_JSON = PERF / "sub-01_m0scan.json"
 
 def edit_json(relative: Path, **changes) -> Callable[[Path], None]:
     def mutate(root: Path) -> None:
-        path = root / relative
-        meta = json.loads(path.read_text())
-        for key, value in changes.items():
-            if value is None:
-                meta.pop(key, None)
-            else:
-                meta[key] = value
-        path.write_text(json.dumps(meta))
+        edit_sidecar(root / relative, **changes)
 
     return mutate
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import edit_sidecar
 
 from aslprep_lite.bids import discover, read_aslcontext
 from aslprep_lite.errors import AslprepError
@@ -17,16 +18,6 @@ def _dataset(tmp_path: Path, **spec) -> tuple[Path, Path]:
     root = tmp_path / "bids"
     write_dataset(root, [SyntheticSpec(n_pairs=2, shape=(16, 16, 6), **spec)])
     return root, root / "sub-01" / "perf" / "sub-01_asl.json"
-
-
-def _edit(path: Path, **changes) -> None:
-    meta = json.loads(path.read_text())
-    for key, value in changes.items():
-        if value is None:
-            meta.pop(key, None)
-        else:
-            meta[key] = value
-    path.write_text(json.dumps(meta))
 
 
 def _only_failure(root: Path) -> str:
@@ -66,7 +57,7 @@ def test_intended_for_forms(tmp_path, intended_for):
     # rename the M0 so only IntendedFor can link it to the run
     for ext in (".nii.gz", ".json"):
         (perf / f"sub-01_m0scan{ext}").rename(perf / f"sub-01_acq-m0_m0scan{ext}")
-    _edit(perf / "sub-01_acq-m0_m0scan.json", IntendedFor=intended_for)
+    edit_sidecar(perf / "sub-01_acq-m0_m0scan.json", IntendedFor=intended_for)
     (plan,) = discover(root).plans
     assert plan.m0_file.endswith("sub-01_acq-m0_m0scan.nii.gz")
 
@@ -91,7 +82,7 @@ def test_aslcontext_crlf_and_blank_lines(tmp_path):
 def test_manufacturer_is_optional_and_ms_hint(tmp_path):
     root, sidecar = _dataset(tmp_path)
     assert "Manufacturer" not in json.loads(sidecar.read_text())
-    _edit(sidecar, PostLabelingDelay=1800)
+    edit_sidecar(sidecar, PostLabelingDelay=1800)
     message = _only_failure(root)
     assert "'PostLabelingDelay'" in message and "1.8 s" in message
 
@@ -130,7 +121,7 @@ def test_manufacturer_is_optional_and_ms_hint(tmp_path):
 )
 def test_invalid_metadata(tmp_path, changes, field, words):
     root, sidecar = _dataset(tmp_path)
-    _edit(sidecar, **changes)
+    edit_sidecar(sidecar, **changes)
     message = _only_failure(root)
     assert str(sidecar) in message
     assert f"'{field}'" in message
@@ -148,7 +139,7 @@ def test_invalid_metadata(tmp_path, changes, field, words):
 )
 def test_pasl_requires_bolus_cutoff(tmp_path, changes, field):
     root, sidecar = _dataset(tmp_path, asl_type="PASL", m0_type="Included")
-    _edit(sidecar, **changes)
+    edit_sidecar(sidecar, **changes)
     message = _only_failure(root)
     assert f"'{field}'" in message
 
