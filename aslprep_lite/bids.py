@@ -31,8 +31,6 @@ BOLUS_TECHNIQUES = ("QUIPSS", "QUIPSSII", "Q2TIPS")
 LABELED_TYPES = frozenset({"control", "label", "deltam", "cbf"})
 #: A delay above this many seconds is almost certainly in milliseconds.
 MAX_PLAUSIBLE_DELAY_S = 30.0
-#: Per-volume fields the BIDS spec allows as arrays of one value per aslcontext row.
-PER_VOLUME_FIELDS = ("PostLabelingDelay", "LabelingDuration", "RepetitionTimePreparation")
 
 #: Derivative files every run writes (suffix part after the source entities).
 OUTPUT_SUFFIXES = (
@@ -57,7 +55,6 @@ MULTI_DELAY_SUFFIXES = (
 FITTED_ONLY_SUFFIXES = ("desc-stderr_att.nii.gz", "desc-fitrsquared_cbf.nii.gz")
 #: Added for multi-delay runs fitted with the arterial (macrovascular) component.
 ARTERIAL_SUFFIXES = ("abv.nii.gz", "abat.nii.gz")
-ATT_METHODS = ("fit", "weighted-delay")
 
 
 @dataclass(frozen=True)
@@ -778,7 +775,6 @@ def plan_run(
             repetition_time,
             background_suppression,
             check_images,
-            shape if check_images else None,
         )
     else:
         warnings.append("cbf volumes only: they are passed through, no M0 is used")
@@ -861,7 +857,6 @@ def _plan_m0(
     repetition_time: Sequence[float],
     background_suppression: bool,
     check_images: bool,
-    asl_shape: tuple[int, ...] | None,
 ) -> tuple[Path | None, float | None, float | None]:
     """Find and check the M0 for the run's M0Type: (file, its TR, M0Estimate)."""
     if m0_type == "Separate":

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import nibabel as nb
 import numpy as np
@@ -68,12 +66,6 @@ def write_nifti(img: nb.Nifti1Image, path: str | Path) -> None:
             stream.write(img.to_bytes())
     else:
         img.to_filename(str(path))
-
-
-def dump_json(data: dict[str, Any], path: str | Path) -> str:
-    """Write JSON deterministically (sorted keys, fixed indentation)."""
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return str(Path(path).resolve())
 
 
 def write_atomic_text(path: str | Path, text: str) -> None:
