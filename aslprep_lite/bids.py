@@ -699,6 +699,10 @@ def plan_run(
         if direction.rstrip("-") not in ("i", "j", "k"):
             raise fields.error("SliceEncodingDirection", f"is {direction!r}; use i, j or k")
         slice_axis = "ijk".index(direction.rstrip("-"))
+        if direction.endswith("-"):
+            # BIDS: with a negative direction the first entry is the slice with the largest
+            # index; the plan keeps one entry per array index, in array order.
+            slice_timing = slice_timing[::-1]
         if check_images and len(slice_timing) != shape[slice_axis]:
             raise fields.error(
                 "SliceTiming",

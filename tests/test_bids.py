@@ -240,3 +240,13 @@ def test_bids_examples_images_are_placeholders(bids_examples):
     result = discover(bids_examples / "asl005")
     (failure,) = result.failures
     assert "sub-Sub103_asl.nii.gz: not a readable NIfTI image" in failure[1]
+
+
+def test_negative_slice_encoding_direction_reverses_slice_timing(tmp_path):
+    root, sidecar = _dataset(tmp_path, slice_timing=True)
+    timing = json.loads(sidecar.read_text())["SliceTiming"]
+    (plan,) = discover(root).plans
+    assert plan.slice_timing == timing  # "k" (the default): array order
+    edit_sidecar(sidecar, SliceEncodingDirection="k-")
+    (plan,) = discover(root).plans
+    assert plan.slice_timing == timing[::-1]  # first entry = slice with the largest index
