@@ -112,9 +112,11 @@ class PrepareM0(SimpleInterface):
             m0 = resample_to(m0_raw, m0_img.affine, matrix, img.shape[:3], img.affine)
             meta["Source"] = plan["source_files"][-1]
         elif m0_type == "Included":
-            m0 = _volumes(series, context, "m0scan")
+            m0, trs = _included_m0(series, plan)
             _check_m0(m0, plan["asl_file"])
             meta["Source"] = "m0scan volumes of the motion-corrected ASL series"
+            if len(set(trs)) > 1:
+                meta["M0VolumeRepetitionTimes"] = trs
         elif m0_type == "Absent":
             m0 = _volumes(series, context, "control")
             meta["Source"] = "mean control image (no background suppression)"
@@ -193,6 +195,23 @@ class PrepareM0(SimpleInterface):
         if not reference.any():
             raise AslprepError("the reference-region mask is empty", path=path)
         return reference
+
+
+def _included_m0(series: np.ndarray, plan: dict) -> tuple[np.ndarray, list[float]]:
+    """Mean of the m0scan volumes, each first brought to the longest TR's saturation.
+
+    Volumes acquired at different TRs recover to different fractions of M0; averaging them
+    as they are and then correcting for one TR would leave M0 too low (CBF 21 % too high for
+    one volume at TR 2 s beside one at 8 s). Each volume is scaled by its own saturation
+    factor relative to the longest TR's; the correction for that TR then applies to all.
+    """
+    indices = [i for i, kind in enumerate(plan["context"]) if kind == "m0scan"]
+    trs = [float(plan["repetition_time"][i]) for i in indices]
+    t1 = constants.tissue_t1(plan["field_strength"]).value
+    threshold = constants.scalar("m0_tr_threshold").value
+    longest = tr_correction_factor(max(trs), t1, threshold)
+    weights = np.array([tr_correction_factor(tr, t1, threshold) / longest for tr in trs])
+    return (series[..., indices] * weights).mean(axis=3), trs
 
 
 def _reference_calibration(plan: dict, signal: np.ndarray, reference: np.ndarray):
