@@ -11,6 +11,7 @@ import pytest
 
 from aslprep_lite.quant import constants
 from aslprep_lite.quant.cbf import (
+    consensus_cbf,
     implausible_cbf,
     pasl_bolus_duration,
     pasl_cbf,
@@ -257,3 +258,16 @@ def test_reference_region_m0():
             1.0, repetition_time=0.0, echo_time=0.0, t1_reference=4.3, t2_reference=0.4,
             partition_coefficient=1.15, t2_blood=0.05,
         )  # fmt: skip
+
+
+def test_consensus_cbf_picks_the_equation_of_the_labeling_type():
+    common = {"t1_blood": 1.65, "delay": 1.8}
+    # the hand values of test_pcasl_consensus_value and the QUIPSS II case above
+    pcasl = consensus_cbf(
+        10.0, 1000.0, asl_type="PCASL", duration=1.8, labeling_efficiency=0.85, **common
+    )
+    pasl = consensus_cbf(
+        8.0, 1000.0, asl_type="PASL", duration=0.7, labeling_efficiency=0.98, **common
+    )
+    assert pcasl == pytest.approx(86.29992, rel=1e-6)
+    assert pasl == pytest.approx(93.735788, rel=1e-6)

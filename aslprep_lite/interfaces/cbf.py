@@ -18,10 +18,9 @@ from aslprep_lite.bids import RunPlan
 from aslprep_lite.images import load_image, save_image
 from aslprep_lite.quant import constants
 from aslprep_lite.quant.cbf import (
+    consensus_cbf,
     implausible_cbf,
     pasl_bolus_duration,
-    pasl_cbf,
-    pcasl_cbf,
     slice_delays,
 )
 from aslprep_lite.quant.deltam import plan_subtraction, subtract
@@ -107,9 +106,6 @@ class ComputeCBF(SimpleInterface):
         mask = mask > 0
         context = plan["context"]
         params = quantification_parameters(plan)
-        t1b = params["BloodT1"]["Value"]
-        alpha = params["LabelingEfficiency"]["Value"]
-        lam = params["PartitionCoefficient"]["Value"]
 
         volumes = []
         run = RunPlan(**plan)
@@ -125,34 +121,26 @@ class ComputeCBF(SimpleInterface):
                 )
                 meta["PerSliceDelay"] = "PLD + SliceTiming − min(SliceTiming) per slice"
             if plan["asl_type"] == "PASL":
-                bolus = pasl_bolus_duration(
+                duration = pasl_bolus_duration(
                     plan["bolus_cutoff_technique"], delay, plan["bolus_cutoff_delay"]
-                )
-                cbf = pasl_cbf(
-                    deltam,
-                    m0,
-                    inversion_time=delay,
-                    bolus_duration=bolus,
-                    t1_blood=t1b,
-                    labeling_efficiency=alpha,
-                    partition_coefficient=lam,
                 )
                 meta["InversionTime"] = run.labeled_value("post_labeling_delay")
                 meta["BolusCutOffTechnique"] = plan["bolus_cutoff_technique"]
                 meta["BolusCutOffDelayTime"] = plan["bolus_cutoff_delay"]
             else:
-                tau = np.asarray(plan["labeling_duration"])[source]
-                cbf = pcasl_cbf(
-                    deltam,
-                    m0,
-                    pld=delay,
-                    labeling_duration=tau,
-                    t1_blood=t1b,
-                    labeling_efficiency=alpha,
-                    partition_coefficient=lam,
-                )
+                duration = np.asarray(plan["labeling_duration"])[source]
                 meta["PostLabelingDelay"] = run.labeled_value("post_labeling_delay")
                 meta["LabelingDuration"] = run.labeled_value("labeling_duration")
+            cbf = consensus_cbf(
+                deltam,
+                m0,
+                asl_type=plan["asl_type"],
+                delay=delay,
+                duration=duration,
+                t1_blood=params["BloodT1"]["Value"],
+                labeling_efficiency=params["LabelingEfficiency"]["Value"],
+                partition_coefficient=params["PartitionCoefficient"]["Value"],
+            )
             volumes.append((list(subtraction.control), cbf))
         cbf_idx = [i for i, kind in enumerate(context) if kind == "cbf"]
         if cbf_idx:

@@ -19,7 +19,7 @@ from aslprep_lite.images import load_image, save_image
 from aslprep_lite.interfaces.cbf import quantification_parameters
 from aslprep_lite.quant import constants as quant_constants
 from aslprep_lite.quant import kinetic
-from aslprep_lite.quant.cbf import implausible_cbf, pasl_cbf, pcasl_cbf, slice_delays
+from aslprep_lite.quant.cbf import consensus_cbf, implausible_cbf, slice_delays
 from aslprep_lite.quant.deltam import plan_subtraction
 
 #: Fit settings written to the sidecar (the defaults of :func:`kinetic.fit_multidelay`).
@@ -119,7 +119,7 @@ class FitKineticModel(SimpleInterface):
             maps["desc-stderr_cbf.nii.gz"] = cbf_se
             failures = {"weighted delay out of range or undefined": int(failed.sum())}
         maps["desc-longestdelay_cbf.nii.gz"] = self._longest_delay_cbf(
-            signal, m0_vox, delays, durations, offsets, plan, constants
+            signal, m0_vox, delays, durations, offsets, constants
         )
         maps["desc-fitfailed_mask.nii.gz"] = failed
 
@@ -202,21 +202,12 @@ class FitKineticModel(SimpleInterface):
         return att, in_range
 
     @staticmethod
-    def _longest_delay_cbf(signal, m0, delays, durations, offsets, plan, constants):
+    def _longest_delay_cbf(signal, m0, delays, durations, offsets, constants):
         """The consensus single-delay formula on the longest delay's volumes, for comparison."""
         longest = delays == delays.max()
         mean = signal[:, longest].mean(axis=1)
         delay = delays.max() + (0.0 if offsets is None else offsets)
-        common = {
-            "t1_blood": constants["t1_blood"],
-            "labeling_efficiency": constants["labeling_efficiency"],
-            "partition_coefficient": constants["partition_coefficient"],
-        }
-        if plan.asl_type == "PASL":
-            return pasl_cbf(
-                mean, m0, inversion_time=delay, bolus_duration=durations[longest][0], **common
-            )
-        return pcasl_cbf(mean, m0, pld=delay, labeling_duration=durations[longest][0], **common)
+        return consensus_cbf(mean, m0, delay=delay, duration=durations[longest][0], **constants)
 
 
 def _map_sidecar(suffix: str, plan: RunPlan) -> dict[str, Any]:

@@ -77,6 +77,32 @@ def pcasl_cbf(
     return _safe_ratio(numerator, denominator)
 
 
+def consensus_cbf(
+    deltam: ArrayLike,
+    m0: ArrayLike,
+    *,
+    asl_type: str,
+    delay: ArrayLike,
+    duration: ArrayLike,
+    t1_blood: float,
+    labeling_efficiency: float,
+    partition_coefficient: float = 0.9,
+) -> NDArray[np.float64]:
+    """The single-delay consensus CBF for the labeling type (Alsop et al. 2015).
+
+    ``delay`` is the PLD for PCASL/CASL (eq. 1) or TI for PASL (eq. 2); ``duration`` is the
+    labeling duration τ, or the PASL bolus duration from :func:`pasl_bolus_duration`.
+    """
+    common = {
+        "t1_blood": t1_blood,
+        "labeling_efficiency": labeling_efficiency,
+        "partition_coefficient": partition_coefficient,
+    }
+    if asl_type == "PASL":
+        return pasl_cbf(deltam, m0, inversion_time=delay, bolus_duration=duration, **common)
+    return pcasl_cbf(deltam, m0, pld=delay, labeling_duration=duration, **common)
+
+
 def pasl_bolus_duration(
     technique: str, inversion_time: ArrayLike, bolus_cutoff_delay: ArrayLike
 ) -> NDArray[np.float64]:
