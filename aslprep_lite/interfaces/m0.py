@@ -136,6 +136,7 @@ class PrepareM0(SimpleInterface):
             meta["TRCorrectionFactor"] = factor
             if factor != 1.0:
                 meta["TissueT1"] = tissue_t1.as_json()
+            acquired = m0  # before the TR correction: the reference region applies its own T1
             m0 = m0 * factor
         else:
             if "control" in context:
@@ -156,8 +157,8 @@ class PrepareM0(SimpleInterface):
             meta["SmoothingFWHM"] = {"Value": self.inputs.fwhm, "Units": "mm"}
             meta["SmoothingMethod"] = "Gaussian, normalized within the brain mask"
         else:
-            # The reference region takes the signal as acquired: it applies its own T1.
-            signal = m0 / meta.get("TRCorrectionFactor", 1.0)
+            # (validation refuses M0Estimate here, so an acquired M0 image exists)
+            signal = acquired * self.inputs.m0_scale
             reference = self._reference_mask(plan, signal, mask)
             m0a, meta["ReferenceRegion"] = _reference_calibration(plan, signal, reference)
             lam = constants.scalar("partition_coefficient").value
