@@ -35,6 +35,7 @@ class Settings:
     smooth_kernel: float = 5.0
     dummy_scans: int = 0
     att_method: str = "fit"
+    att_prior: str = "subject"
     arterial_component: bool = False
     m0_calibration: str = "voxel"
     m0_reference_mask: str | None = None
@@ -158,6 +159,7 @@ def build_settings(options: Any) -> Settings:
         smooth_kernel=options.smooth_kernel,
         dummy_scans=options.dummy_scans,
         att_method=options.att_method,
+        att_prior=options.att_prior,
         arterial_component=options.arterial_component,
         m0_calibration=options.m0_calibration,
         m0_reference_mask=reference_mask,

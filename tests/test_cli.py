@@ -186,6 +186,8 @@ def test_multidelay_fit(processed, subject):
     assert set(meta["DeltaMVolumesPerDelay"].values()) == {3}  # 3 pairs at every delay
     assert meta["QualityWarnings"] == []
     assert meta["ATTMethod"] == "fit"
+    assert meta["FitSettings"]["ATTPrior"]["VoxelsUsed"] > 1000  # the default, estimated
+    assert "with the subject's ATT prior" in meta["Model"]
     assert json.loads((perf / f"sub-{subject}_att.json").read_text())["Units"] == "s"
     assert not (perf / f"sub-{subject}_desc-timeseries_cbf.nii.gz").exists()
 

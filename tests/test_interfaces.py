@@ -25,3 +25,55 @@ def test_included_m0_volumes_with_different_trs():
     plan["repetition_time"] = [4.0, 4.0, 4.0]
     mean, _ = _included_m0(np.stack([m0, m0 * 0.5, m0], axis=3), plan)
     np.testing.assert_allclose(mean, 750.0)
+
+
+def _kinetic_node_run(tmp_path, truth, **options):
+    """Run FitKineticModel on the raw synthetic series (no motion) with these options."""
+    import nibabel as nb
+
+    from aslprep_lite.bids import ProcessingOptions, discover
+    from aslprep_lite.interfaces.cbf import ComputeDeltaM
+    from aslprep_lite.interfaces.kinetic import FitKineticModel
+
+    (plan,) = discover(tmp_path / "bids", options=ProcessingOptions(**options)).plans
+    work = tmp_path / ("_".join(f"{k}-{v}" for k, v in options.items()) or "default")
+    work.mkdir()
+    mask_file = work / "mask.nii.gz"
+    nb.save(nb.Nifti1Image(truth.brain_mask.astype(np.uint8), truth.affine), mask_file)
+    m0_file = work / "m0.nii.gz"
+    nb.save(nb.Nifti1Image(truth.m0.astype(np.float32), truth.affine), m0_file)
+    deltam = ComputeDeltaM(plan=plan.as_dict(), in_file=str(truth.asl_file))
+    deltam = deltam.run(cwd=str(work)).outputs.out_file
+    node = FitKineticModel(
+        plan=plan.as_dict(), deltam_file=deltam, m0_file=str(m0_file), mask_file=str(mask_file)
+    )
+    outputs = node.run(cwd=str(work)).outputs
+    cbf = nb.load(outputs.mean_file).get_fdata()[truth.brain_mask]
+    return outputs, cbf
+
+
+def test_kinetic_node_att_prior_and_methods(tmp_path):
+    """The sidecar says which ATT estimate ran: the subject prior (default, with its numbers),
+    none, or the weighted delay (no prior, no ATT error map)."""
+    from aslprep_lite.synthetic import SyntheticSpec, write_dataset
+
+    spec = SyntheticSpec(
+        subject="md", plds=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5), labeling_duration=1.4, n_pairs=2
+    )
+    (truth,) = write_dataset(tmp_path / "bids", [spec])
+    subject, cbf_subject = _kinetic_node_run(tmp_path, truth)
+    none, cbf_none = _kinetic_node_run(tmp_path, truth, att_prior="none")
+    wd, _ = _kinetic_node_run(tmp_path, truth, att_method="weighted-delay")
+
+    prior = subject.metadata["FitSettings"]["ATTPrior"]
+    assert prior["VoxelsUsed"] == int(truth.brain_mask.sum())
+    assert 0.9 < prior["Mean"] < 1.6  # GM 1.2 s, WM 1.6 s
+    assert prior["SD"] >= prior["MinimumSD"] == 0.1
+    assert "posterior SD" in subject.maps_metadata["desc-stderr_att.nii.gz"]["Description"]
+    assert none.metadata["FitSettings"]["ATTPrior"] == "none"
+    assert "posterior" not in none.maps_metadata["desc-stderr_att.nii.gz"]["Description"]
+    assert "ATTPrior" not in wd.metadata["FitSettings"]
+    assert "desc-stderr_att.nii.gz" not in wd.maps
+    # The prior changes the estimates (same data, same node otherwise)
+    assert not np.array_equal(cbf_subject, cbf_none)
+    assert np.median(np.abs(cbf_subject - cbf_none)) < 0.1 * np.median(np.abs(cbf_none))

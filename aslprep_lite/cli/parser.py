@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         "weighted delay (Dai et al. 2012) with CBF then fitted at that ATT",
     )
     proc.add_argument(
+        "--att-prior",
+        choices=["subject", "none"],
+        default="subject",
+        help="multi-delay runs fitted with --att-method fit: shrink each voxel's ATT toward "
+        "the subject's typical ATT by an empirical-Bayes Gaussian prior estimated from a "
+        "first least-squares fit (subject), or plain least squares (none)",
+    )
+    proc.add_argument(
         "--arterial-component",
         action="store_true",
         help="multi-delay runs: also fit a macrovascular (arterial) component, giving arterial "

@@ -279,6 +279,7 @@ def _main(options) -> int:
         check_images=not settings.dry_run,
         options=ProcessingOptions(
             att_method=settings.att_method,
+            att_prior=settings.att_prior,
             arterial_component=settings.arterial_component,
             m0_calibration=settings.m0_calibration,
             m0_reference_mask=settings.m0_reference_mask,

@@ -88,17 +88,22 @@ class FitKineticModel(SimpleInterface):
         maps: dict[str, np.ndarray] = {}
         arterial_voxels = None
         att_bounds = (0.0, kinetic.att_upper_bound(delays, plan.asl_type))
+        prior_record: dict[str, Any] | None = None
         if plan.att_method == "fit":
-            bounds = {"att_bounds": att_bounds}
+            options = {
+                "att_bounds": att_bounds,
+                "delay_offset": offsets,
+                "att_prior": "subject" if plan.att_prior == "subject" else None,
+                **constants,
+            }
+            args = (signal, m0_vox, delays, durations)
             if plan.arterial_component:
-                fit, kept = kinetic.fit_with_arterial_selection(
-                    signal, m0_vox, delays, durations, delay_offset=offsets, **bounds, **constants
-                )
+                fit, kept = kinetic.fit_with_arterial_selection(*args, **options)
                 arterial_voxels = int(kept.sum())
             else:
-                fit = kinetic.fit_multidelay(
-                    signal, m0_vox, delays, durations, delay_offset=offsets, **bounds, **constants
-                )
+                fit = kinetic.fit_multidelay(*args, **options)
+            if plan.att_prior == "subject":
+                prior_record = _prior_record(fit.att_prior)
             cbf, failed = fit.cbf, fit.failed
             maps["att.nii.gz"] = fit.att
             maps["desc-stderr_att.nii.gz"] = fit.att_se
@@ -170,6 +175,7 @@ class FitKineticModel(SimpleInterface):
                 **FIT_SETTINGS,
                 "ATTBounds": list(att_bounds),
                 "ATTBoundsRule": "0 to the longest delay + 0.5 s (kinetic.att_upper_bound)",
+                **({"ATTPrior": prior_record or "none"} if plan.att_method == "fit" else {}),
             },
             "FitFailures": failures,
             "FitFailureCodes": FAILURE_CODES,
@@ -210,6 +216,25 @@ class FitKineticModel(SimpleInterface):
         return consensus_cbf(mean, m0, delay=delay, duration=durations[longest][0], **constants)
 
 
+def _prior_record(prior: kinetic.AttPrior | None) -> dict[str, Any]:
+    """The sidecar's account of the subject's ATT prior."""
+    if prior is None:
+        return {
+            "Type": "none: fewer than 50 voxels fitted by least squares to estimate it from; "
+            "plain least squares used"
+        }
+    return {
+        "Type": "Gaussian, empirical Bayes from this run's least-squares fit "
+        "(kinetic.subject_att_prior)",
+        "Mean": round(prior.mean, 6),
+        "SD": round(prior.sd, 6),
+        "MinimumSD": kinetic.ATT_PRIOR_MIN_SD,
+        "VoxelsUsed": prior.voxels,
+        "Rule": "mean: median least-squares ATT; SD: their interquartile range / 1.349, at "
+        "least MinimumSD",
+    }
+
+
 def _map_sidecar(suffix: str, plan: RunPlan) -> dict[str, Any]:
     """Units and description of each parameter map."""
     descriptions = {
@@ -234,4 +259,10 @@ def _map_sidecar(suffix: str, plan: RunPlan) -> dict[str, Any]:
         ),
     }
     units, description = descriptions[suffix]
+    if (
+        suffix.startswith("desc-stderr")
+        and plan.att_method == "fit"
+        and plan.att_prior == "subject"
+    ):
+        description += " (posterior SD under the subject's ATT prior)"
     return {"Units": units, "Description": description}

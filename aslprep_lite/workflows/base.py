@@ -32,6 +32,7 @@ def processing_parameters(settings: Settings) -> dict[str, Any]:
         "M0SmoothingFWHM": settings.smooth_kernel,
         "DummyScans": settings.dummy_scans,
         "ATTMethod": settings.att_method,
+        "ATTPrior": settings.att_prior,
         "ArterialComponent": settings.arterial_component,
         "M0Calibration": settings.m0_calibration,
         "RandomSeed": settings.seed,

@@ -101,6 +101,13 @@ def _init_multidelay_wf(plan: dict[str, Any], *, mem_gb: float, name: str):
         else "CBF and the arterial transit time (ATT) fitted together by least squares (a grid "
         "search over ATT with CBF solved in closed form, then Levenberg-Marquardt, vectorized "
         "over voxels)"
+        + (
+            ", ATT regularized by a Gaussian prior whose mean and SD were estimated from a "
+            "first least-squares fit of the same run (empirical Bayes; Efron & Morris 1975), "
+            "i.e. maximum a posteriori estimates with the voxel's own noise variance"
+            if plan["att_prior"] == "subject"
+            else ""
+        )
     )
     workflow.__desc__ = (
         "Perfusion-weighted images were computed as ΔM = control − label for each pair of "
@@ -114,7 +121,9 @@ def _init_multidelay_wf(plan: dict[str, Any], *, mem_gb: float, name: str):
             if plan["arterial_component"]
             else ""
         )
-        + ". Standard errors came from the Jacobian at the solution; voxels where the fit "
+        + ". Standard errors came from the Jacobian at the solution"
+        + (" (posterior SDs under the prior)" if plan["att_prior"] == "subject" else "")
+        + "; voxels where the fit "
         "failed are flagged in a mask. For comparison, CBF was also computed with the "
         "single-delay consensus formula from the volumes at the longest delay."
     )
