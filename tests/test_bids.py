@@ -203,12 +203,15 @@ def test_bids_examples_single_delay_plans(bids_examples):
     assert plans["asl005"].m0_file.endswith("perf/sub-Sub103_m0scan.nii.gz")
 
 
+def _single_plan(path: Path):
+    result = discover(path, check_images=False)
+    assert not result.failures, result.failures
+    (plan,) = result.plans
+    return plan
+
+
 def test_bids_examples_multi_delay_plans(bids_examples):
-    plans = {}
-    for name in ("asl003", "asl004", "2d_mb_pcasl"):
-        result = discover(bids_examples / name, check_images=False)
-        assert not result.failures, result.failures
-        (plans[name],) = result.plans
+    plans = {name: _single_plan(bids_examples / name) for name in ("asl003", "asl004")}
     # Siemens PASL FAIR Q2TIPS: 10 inversion times, label first, BolusCutOffDelayTime [TI1, TI1s]
     pasl = plans["asl003"]
     assert pasl.is_multidelay and len(pasl.delays) == 10
@@ -220,8 +223,11 @@ def test_bids_examples_multi_delay_plans(bids_examples):
     assert set(pcasl.summary()["volumes_per_delay"].values()) == {16}
     assert pcasl.labeling_efficiency == 0.88
     assert "/perf/" in pcasl.m0_file and "dir-pa" not in pcasl.m0_file
+
+
+def test_bids_examples_hcp_aging_plan(hcp_aging_example):
     # HCP-Aging: 5 PLDs with unequal repeats, noRF and m0scan volumes inside the series
-    hcp = plans["2d_mb_pcasl"]
+    hcp = _single_plan(hcp_aging_example)
     assert hcp.summary()["volumes_per_delay"] == {
         "0.2": 12,
         "0.7": 12,

@@ -202,6 +202,46 @@ def test_dry_run_bids_examples(bids_examples, tmp_path):
     assert run["volumes_per_delay"] == {f"{d:g}": 16 for d in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)}
 
 
+def test_dry_run_hcp_aging_like_design(tmp_path):
+    """5 PLDs with unequal repeats, noRF and m0scan volumes at the end of the series, per-volume
+    LabelingDuration and TR, 2D multiband slice timing (HCP-Aging's protocol; metadata written
+    here, so the test does not need ../shared)."""
+    plds = np.repeat([0.2, 0.7, 1.2, 1.7, 2.2], [12, 12, 12, 20, 30])  # label/control volumes
+    context = ["label", "control"] * 43 + ["noRF", "noRF", "m0scan", "m0scan"]
+    n_pairs = plds.size // 2
+    perf = tmp_path / "bids" / "sub-01" / "perf"
+    perf.mkdir(parents=True)
+    (tmp_path / "bids" / "dataset_description.json").write_text(
+        json.dumps({"Name": "hcp-aging-like", "BIDSVersion": "1.9.0"})
+    )
+    (perf / "sub-01_aslcontext.tsv").write_text("volume_type\n" + "\n".join(context) + "\n")
+    (perf / "sub-01_asl.nii.gz").write_bytes(b"")  # --dry-run reads no image
+    sidecar = {
+        "MagneticFieldStrength": 3,
+        "MRAcquisitionType": "2D",
+        "EchoTime": 0.019,
+        "RepetitionTimePreparation": [3.58] * 88 + [8.0, 8.0],
+        "ArterialSpinLabelingType": "PCASL",
+        "PostLabelingDelay": [*plds.tolist(), 0.0, 0.0, 0.0, 0.0],
+        "LabelingDuration": [1.5] * 86 + [0.0] * 4,
+        "BackgroundSuppression": False,
+        "M0Type": "Included",
+        "TotalAcquiredPairs": n_pairs,
+        "SliceTiming": [round(0.06 * k, 4) for k in range(10)] * 6,
+    }
+    (perf / "sub-01_asl.json").write_text(json.dumps(sidecar))
+    result = run_cli(str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    (run,) = json.loads(result.stdout)["runs"]
+    assert run["model"] == (
+        "multi-delay PCASL: general kinetic model (Buxton et al. 1998) fitted for CBF and "
+        "arterial transit time with the subject's ATT prior over 5 delays"
+    )
+    assert run["volumes_per_delay"] == {"0.2": 12, "0.7": 12, "1.2": 12, "1.7": 20, "2.2": 30}
+    assert run["volumes"] == {"label": 43, "control": 43, "noRF": 2, "m0scan": 2}
+    assert not (tmp_path / "out").exists()
+
+
 def test_input_dataset_untouched(processed):
     assert tree_digest(processed["base"] / "bids") == processed["input_digest"]
 

@@ -27,7 +27,7 @@ def test_included_m0_volumes_with_different_trs():
     np.testing.assert_allclose(mean, 750.0)
 
 
-def _kinetic_node_run(tmp_path, truth, **options):
+def _kinetic_node_run(tmp_path, truth, m0_scale=1.0, **options):
     """Run FitKineticModel on the raw synthetic series (no motion) with these options."""
     import nibabel as nb
 
@@ -36,12 +36,13 @@ def _kinetic_node_run(tmp_path, truth, **options):
     from aslprep_lite.interfaces.kinetic import FitKineticModel
 
     (plan,) = discover(tmp_path / "bids", options=ProcessingOptions(**options)).plans
-    work = tmp_path / ("_".join(f"{k}-{v}" for k, v in options.items()) or "default")
+    name = "_".join(f"{k}-{v}" for k, v in options.items()) or "default"
+    work = tmp_path / f"{name}_m0x{m0_scale:g}"
     work.mkdir()
     mask_file = work / "mask.nii.gz"
     nb.save(nb.Nifti1Image(truth.brain_mask.astype(np.uint8), truth.affine), mask_file)
     m0_file = work / "m0.nii.gz"
-    nb.save(nb.Nifti1Image(truth.m0.astype(np.float32), truth.affine), m0_file)
+    nb.save(nb.Nifti1Image((truth.m0 * m0_scale).astype(np.float32), truth.affine), m0_file)
     deltam = ComputeDeltaM(plan=plan.as_dict(), in_file=str(truth.asl_file))
     deltam = deltam.run(cwd=str(work)).outputs.out_file
     node = FitKineticModel(
@@ -77,3 +78,9 @@ def test_kinetic_node_att_prior_and_methods(tmp_path):
     # The prior changes the estimates (same data, same node otherwise)
     assert not np.array_equal(cbf_subject, cbf_none)
     assert np.median(np.abs(cbf_subject - cbf_none)) < 0.1 * np.median(np.abs(cbf_none))
+
+    # Plausible CBF: no warning; an M0 100 times too small (a vendor scale): a loud one
+    assert subject.metadata["QualityWarnings"] == []
+    scaled, _ = _kinetic_node_run(tmp_path, truth, m0_scale=0.01)
+    (warning,) = scaled.metadata["QualityWarnings"]
+    assert "M0 scaling" in warning
