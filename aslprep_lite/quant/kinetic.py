@@ -425,7 +425,8 @@ class FitResult:
         input was invalid. Where JᵀJ is singular the other errors are NaN and ``cbf_se`` is
         the error with the other parameters held fixed. With an ATT prior they are the
         posterior SDs, ``sqrt(diag(s² (JᵀJ + s²/σ_p² e_ATT e_ATTᵀ)⁻¹))`` with s² of the
-        least-squares grid optimum, finite also where JᵀJ is singular.
+        least-squares fit (``"subject"``) or grid optimum (an explicit prior), finite also
+        where JᵀJ is singular only in ATT.
     abv, abat, abv_se, abat_se
         Arterial blood volume fraction (mL/mL), its arrival time (s) and standard errors;
         None unless the fit had ``arterial=True``. With :data:`NO_ARTERIAL`, aBV is 0 and
@@ -637,6 +638,27 @@ def _project(p: NDArray, bounds: NDArray) -> NDArray:
     return p
 
 
+def _singular(normal: NDArray) -> NDArray:
+    """Which of the (V, P, P) normal matrices (in units of :data:`_SCALES`) are singular: a
+    zero column (1e-10 of the largest in norm: that parameter does not change the model), or
+    a reciprocal condition number of the correlation matrix below 1e-10."""
+    diag = np.diagonal(normal, axis1=1, axis2=2)
+    zero = np.any(~(diag > 1e-20 * diag.max(axis=1, keepdims=True)), axis=1)
+    norm = np.sqrt(np.where(diag > 0, diag, 1.0))
+    corr = normal / (norm[:, :, None] * norm[:, None, :])
+    with np.errstate(invalid="ignore"):
+        eig = np.linalg.eigvalsh(np.where(np.isfinite(corr), corr, 0.0))
+    return zero | ~(eig[:, 0] > 1e-10 * eig[:, -1])
+
+
+def _inverse(normal: NDArray, singular: NDArray) -> NDArray:
+    """Inverses of the (V, P, P) matrices, NaN where ``singular``."""
+    inverse = np.full_like(normal, np.nan)
+    if np.any(~singular):
+        inverse[~singular] = np.linalg.inv(normal[~singular])
+    return inverse
+
+
 def _solve_small(a: NDArray, b: NDArray) -> NDArray:
     """Solve the systems a x = b, a (V, P, P) symmetric, b (V, P): Cramer's rule for P = 2
     (an order of magnitude faster than the batched LAPACK call), LAPACK otherwise."""
@@ -832,10 +854,12 @@ def fit_multidelay(
 
     *ATT prior*: with ``att_prior`` the grid picks the point of smallest penalised cost and
     LM treats the prior as one more residual, s/SD (mean − ATT). s² is the residual variance
-    of the least-squares fit with ``"subject"``, and of the grid's least-squares point with
-    an explicit (mean, SD) (an upper bound, within ~1 % for noisy data). Noise-free voxels (s² = 0)
-    are unaffected. The singular test below still uses the data's JᵀJ alone, so a voxel
-    whose ATT only the prior determines stays flagged.
+    of the least-squares fit with ``"subject"`` (so noise-free voxels, s² = 0, are
+    unaffected), and of the grid's least-squares point with an explicit (mean, SD) (an upper
+    bound, within ~1 % for noisy data). The singular test below still uses the data's JᵀJ
+    alone, so a voxel whose ATT only the prior determines stays flagged; where the prior
+    cannot make the problem regular (s² = 0, a zero CBF column, aBV and aBAT trading against
+    each other) the errors are NaN as without it.
 
     A voxel is ``failed`` when its input is not finite or M0 ≤ 0, the fit did not converge,
     CBF or ATT ends within 10⁻⁶ of the bound range of a bound (for the arterial fit also aBAT,
@@ -963,18 +987,9 @@ def fit_multidelay(
             normal = (js * counts[:, None]).transpose(0, 2, 1) @ js
             finite = np.all(np.isfinite(normal), axis=(1, 2))
             normal[~finite] = np.eye(k)  # placeholder, flagged singular below
-            diag = np.diagonal(normal, axis1=1, axis2=2)
-            # A column that is zero, or 1e-10 of the largest in norm (units of _SCALES), means
-            # that parameter does not change the model.
-            zero = np.any(~(diag > 1e-20 * diag.max(axis=1, keepdims=True)), axis=1) | ~finite
-            norm = np.sqrt(np.where(diag > 0, diag, 1.0))
-            corr = normal / (norm[:, :, None] * norm[:, None, :])
-            eig = np.linalg.eigvalsh(corr)
-            singular = zero | ~(eig[:, 0] > 1e-10 * eig[:, -1])
+            singular = _singular(normal) | ~finite
             s2 = rss[select] / dof if prior is None else noise_var[select]
-            inverse = np.full_like(normal, np.nan)
-            if np.any(~singular):
-                inverse[~singular] = np.linalg.inv(normal[~singular])
+            inverse = _inverse(normal, singular)
             se_block = np.sqrt(np.diagonal(inverse, axis1=1, axis2=2) * s2[:, None]) * _SCALES[:k]
             # A parameter that barely moves the model (e.g. ATT when CBF ≈ 0) leaves JᵀJ
             # well-conditioned after scaling but is undetermined: its error exceeds its bounds.
@@ -982,11 +997,13 @@ def fit_multidelay(
             if prior is not None:
                 # Posterior SDs, sqrt(diag(s² (JᵀJ + s²/σ_p² e_ATT e_ATTᵀ)⁻¹)): finite even where
                 # the data alone leave ATT undetermined (which stays flagged singular).
+                # The prior cannot fix a zero CBF column, s² = 0, or aBV/aBAT trading against
+                # each other: those posteriors stay singular, their errors NaN.
                 posterior = normal.copy()
                 posterior[:, 1, 1] += fit_problem.prior_weight[select] * _SCALES[1] ** 2
-                inverse = np.linalg.inv(posterior)
+                inverse = _inverse(posterior, _singular(posterior) | ~finite)
                 se_block = np.sqrt(np.diagonal(inverse, axis1=1, axis2=2) * s2[:, None])
-                se_block = np.where(finite[:, None], se_block * _SCALES[:k], np.nan)
+                se_block = se_block * _SCALES[:k]
             target = np.flatnonzero(select)
             # Where ATT (or aBAT) is undetermined, CBF's error is still defined with the others
             # held fixed: exact when they do not change the model at all (ATT < shortest PLD).
