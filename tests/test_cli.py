@@ -200,6 +200,17 @@ def test_dry_run_bids_examples(bids_examples, tmp_path):
     (run,) = json.loads(result.stdout)["runs"]
     assert run["model"].startswith("multi-delay PCASL: general kinetic model")
     assert run["volumes_per_delay"] == {f"{d:g}": 16 for d in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)}
+    # PASL FAIR with Q2TIPS, 10 inversion times 0.3-3.0 s, label first
+    result = run_cli(
+        str(bids_examples / "asl003"), str(tmp_path / "out3"), "participant", "--dry-run"
+    )
+    assert result.returncode == 0, result.stderr
+    (run,) = json.loads(result.stdout)["runs"]
+    assert run["model"] == (
+        "multi-TI PASL: general kinetic model (Buxton et al. 1998) fitted for CBF and arterial "
+        "transit time with the subject's ATT prior over 10 delays"
+    )
+    assert len(run["volumes_per_delay"]) == 10
 
 
 def test_dry_run_hcp_aging_like_design(tmp_path):
