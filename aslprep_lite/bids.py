@@ -62,7 +62,7 @@ class ProcessingOptions:
     """Command-line choices that change what a run computes (and so, what it outputs)."""
 
     att_method: str = "fit"
-    att_prior: str = "subject"
+    att_prior: str = "local"
     arterial_component: bool = False
     m0_calibration: str = "voxel"
     m0_reference_mask: str | None = None
@@ -106,7 +106,7 @@ class RunPlan:
     source_files: list[str]
     warnings: list[str] = field(default_factory=list)
     att_method: str = "fit"
-    att_prior: str = "subject"
+    att_prior: str = "local"
     arterial_component: bool = False
     m0_calibration: str = "voxel"
     m0_reference_mask: str | None = None
@@ -148,7 +148,7 @@ class RunPlan:
                 "CBF fitted at the weighted-delay arterial transit time (Dai et al. 2012)"
                 if self.att_method == "weighted-delay"
                 else "fitted for CBF and arterial transit time"
-                + (" with the subject's ATT prior" if self.att_prior == "subject" else "")
+                + (" with a local ATT prior" if self.att_prior == "local" else "")
             )
             return (
                 f"{kind}: general kinetic model (Buxton et al. 1998) {fitted} over "

@@ -35,7 +35,7 @@ class Settings:
     smooth_kernel: float = 5.0
     dummy_scans: int = 0
     att_method: str = "fit"
-    att_prior: str = "subject"
+    att_prior: str = "local"
     arterial_component: bool = False
     m0_calibration: str = "voxel"
     m0_reference_mask: str | None = None

@@ -4,9 +4,10 @@ Simulates a whole-brain-sized multi-delay PCASL data set (default 60 000 voxels)
 Buxton model of :mod:`aslprep_lite.quant.kinetic`, asl004-like timing (6 PLDs 0.25-1.5 s,
 16 volumes each, τ 1.4 s, 3 T: T1b 1.65 s, α 0.85) and Gaussian noise, then:
 
-* times the pipeline's fit (``--att-prior subject``, the default) on all voxels: a least-
-  squares :func:`aslprep_lite.quant.kinetic.fit_multidelay`, the subject's ATT prior from it
-  (:func:`~aslprep_lite.quant.kinetic.subject_att_prior`) and the fit again with that prior;
+* times the pipeline's fit (``--att-prior local``, the default) on all voxels, laid out on a
+  grid of 3.5 mm voxels in the order simulated (so without spatial structure): a least-
+  squares :func:`aslprep_lite.quant.kinetic.fit_multidelay`, the local ATT prior from it
+  (:func:`~aslprep_lite.quant.kinetic.local_att_prior`) and the fit again with that prior;
   and the least-squares fit alone (``--att-prior none``). Median of ``--repeats`` runs,
   restricted to ``--threads`` cores (CPU affinity and BLAS/OpenMP thread counts, set before
   numpy is imported);
@@ -22,7 +23,9 @@ Buxton model of :mod:`aslprep_lite.quant.kinetic`, asl004-like timing (6 PLDs 0.
   which counts numpy's allocations, and the process' ``ru_maxrss``;
 * repeats the accuracy comparison on three more simulations of ``--range-voxels`` voxels
   (CBF ~ N(50, 10²)) whose true ATTs lie around, below and above the fixed start (ATT
-  U(0.7, 1.5), U(0.5, 0.9), U(1.3, 1.9) s), since a fixed start acts as an implicit prior.
+  U(0.7, 1.5), U(0.5, 0.9), U(1.3, 1.9) s), since a fixed start acts as an implicit prior;
+  and on a 20 × 20 × 10 phantom with a territory of long transit (ATT U(1.6, 1.9) s in a
+  block of 20 % of the voxels, U(0.8, 1.3) s elsewhere), where a prior can do harm.
 
 Truth: 70 % "grey matter" voxels (CBF ~ N(60, 10²), ATT ~ U(0.7, 1.5) s), 30 % "white
 matter" (CBF ~ N(25, 5²), ATT ~ U(1.0, 1.8) s), M0 ~ N(1000, 50²). Noise: SD ``--noise`` × M0
@@ -80,6 +83,7 @@ from aslprep_lite.quant.kinetic import (  # noqa: E402
     att_upper_bound,
     fit_multidelay,
     kinetic_jacobian,
+    local_att_prior,
     tissue_signal,
 )
 
@@ -90,6 +94,8 @@ CBF_BOUNDS = (-100.0, 500.0)  # fit_multidelay's defaults
 ATT_BOUNDS = (0.0, att_upper_bound(PLDS, "PCASL"))  # what the pipeline uses for this design
 FIXED_START = (50.0, 1.2)
 ATT_RANGES = {"centred": (0.7, 1.5), "short": (0.5, 0.9), "long": (1.3, 1.9)}
+ZOOMS = (3.5, 3.5, 3.5)  # mm: the grid the voxels are laid out on for the local prior
+TERRITORY_SHAPE = (20, 20, 10)
 TARGET_RATIO = 50.0
 TARGET_WALL_S = 10.0
 
@@ -112,18 +118,57 @@ def simulate(
     return cbf, att, m0, deltam
 
 
+def simulate_territory(noise: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Truth (cbf, att, m0, territory) and noisy ΔM on TERRITORY_SHAPE (C order)."""
+    rng = np.random.default_rng(seed)
+    x, y, _ = np.indices(TERRITORY_SHAPE)
+    territory = ((x < 8) & (y < 10)).ravel()
+    n_vox = territory.size
+    att = np.where(territory, rng.uniform(1.6, 1.9, n_vox), rng.uniform(0.8, 1.3, n_vox))
+    cbf = rng.normal(50.0, 10.0, n_vox)
+    m0 = rng.normal(1000.0, 50.0, n_vox)
+    clean = tissue_signal(cbf, att, PLDS, TAU, m0=m0, **CONSTANTS)
+    deltam = clean + rng.normal(size=clean.shape) * (noise * m0)[:, None]
+    return cbf, att, m0, territory, deltam
+
+
+def layout(n_vox: int) -> tuple[tuple[int, int, int], np.ndarray]:
+    """A near-cubic grid whose first ``n_vox`` voxels (C order) are the simulated ones."""
+    side = max(1, round(n_vox ** (1 / 3)))
+    shape = (-(-n_vox // side**2), side, side)
+    return shape, (np.arange(np.prod(shape)) < n_vox).reshape(shape)
+
+
 def least_squares_fit(deltam: np.ndarray, m0: np.ndarray) -> FitResult:
     """``--att-prior none``."""
     return fit_multidelay(deltam, m0, PLDS, TAU, att_bounds=ATT_BOUNDS, **CONSTANTS)
 
 
-def pipeline_fit(deltam: np.ndarray, m0: np.ndarray) -> tuple[FitResult, tuple[float, float]]:
-    """``--att-prior subject`` (the default), as interfaces/kinetic.py runs it."""
-    fit = fit_multidelay(
-        deltam, m0, PLDS, TAU, att_bounds=ATT_BOUNDS, att_prior="subject", **CONSTANTS
+def pipeline_fit(
+    deltam: np.ndarray, m0: np.ndarray, shape: tuple[int, int, int] | None = None
+) -> FitResult:
+    """``--att-prior local`` (the default), as interfaces/kinetic.py runs it, with the voxels
+    laid out on ``shape`` (C order; default: :func:`layout`)."""
+    if shape is None:
+        shape, mask = layout(deltam.shape[0])
+    else:
+        mask = np.ones(shape, dtype=bool)
+
+    def local_prior(least_squares: FitResult) -> tuple[np.ndarray, np.ndarray]:
+        volume = np.full(shape, np.nan)
+        volume[mask] = least_squares.att
+        mean, sd = local_att_prior(volume, mask, ZOOMS)
+        return mean[mask], sd[mask]
+
+    return fit_multidelay(
+        deltam, m0, PLDS, TAU, att_bounds=ATT_BOUNDS, att_prior=local_prior, **CONSTANTS
     )
-    assert fit.att_prior is not None
-    return fit, (fit.att_prior.mean, fit.att_prior.sd)
+
+
+def global_prior(least_squares: FitResult) -> tuple[float, float]:
+    """One ATT prior for all voxels (not used by the pipeline): median and IQR / 1.349."""
+    q25, median, q75 = np.percentile(least_squares.att, [25, 50, 75])
+    return float(median), max(float((q75 - q25) / 1.349), 0.1)
 
 
 def curve_fit_loop(
@@ -229,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             times.append(time.perf_counter() - begin)
         return result, statistics.median(times), times
 
-    (result, att_prior), fit_s, times = timed(pipeline_fit, deltam, m0)
+    result, fit_s, times = timed(pipeline_fit, deltam, m0)
     plain, plain_s, _ = timed(least_squares_fit, deltam, m0)
     tracemalloc.start()
     pipeline_fit(deltam, m0)
@@ -249,8 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratio = extrapolated / fit_s
 
     print(
-        f"\npipeline fit (least squares, subject ATT prior N({att_prior[0]:.3f}, "
-        f"{att_prior[1]:.3f}^2) s, fit again), all {args.voxels} voxels: {fit_s:.2f} s "
+        f"\npipeline fit (least squares, local ATT prior: median mean "
+        f"{np.median(result.att_prior[0]):.3f} s, median SD {np.median(result.att_prior[1]):.3f}"
+        f" s; fit again), all {args.voxels} voxels: {fit_s:.2f} s "
         f"(runs: {', '.join(f'{t:.2f}' for t in times)}); {1e6 * fit_s / args.voxels:.1f} µs "
         f"per voxel; least squares alone {plain_s:.2f} s"
     )
@@ -272,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\naccuracy on the same {args.subset} voxels (fit - truth):")
     vec = np.stack([plain.cbf, plain.att], axis=1)[subset]
     rows = {
-        "pipeline (subject ATT prior)": np.stack([result.cbf, result.att], axis=1)[subset],
+        "pipeline (local ATT prior)": np.stack([result.cbf, result.att], axis=1)[subset],
         "vectorised least squares": vec,
         "curve_fit, grid start": loop_grid,
         f"curve_fit, fixed start {FIXED_START}": loop_fixed,
@@ -280,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     accurate = {"mixture": compare(rows, true_cbf[subset], true_att[subset])}
     print(HEADER.replace(" " * 38, f"{'all voxels':38}", 1))
     for label, fit in (
-        ("pipeline (subject ATT prior)", result),
+        ("pipeline (local ATT prior)", result),
         ("vectorised least squares", plain),
     ):
         print(f"{label:38} {accuracy(fit.cbf, fit.att, true_cbf, true_att)[0]}")
@@ -307,21 +353,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         cbf_r, att_r, m0_r, deltam_r = simulate(
             args.range_voxels, args.noise, args.seed + offset, att_range
         )
-        fit_r, prior_r = pipeline_fit(deltam_r, m0_r)
+        fit_r = pipeline_fit(deltam_r, m0_r)
         plain_r = least_squares_fit(deltam_r, m0_r)
         fixed_r, _ = curve_fit_loop(deltam_r, m0_r, np.tile(FIXED_START, (args.range_voxels, 1)))
         print(
             f"\n{args.range_voxels} voxels, CBF N(50, 10^2), true ATT U{att_range} s ({name}); "
-            f"subject prior N({prior_r[0]:.3f}, {prior_r[1]:.3f}^2) s"
+            f"local prior: median mean {np.median(fit_r.att_prior[0]):.3f} s, median SD "
+            f"{np.median(fit_r.att_prior[1]):.3f} s"
         )
         accurate[name] = compare(
             {
-                "pipeline (subject ATT prior)": np.stack([fit_r.cbf, fit_r.att], axis=1),
+                "pipeline (local ATT prior)": np.stack([fit_r.cbf, fit_r.att], axis=1),
                 "vectorised least squares": np.stack([plain_r.cbf, plain_r.att], axis=1),
                 f"curve_fit, fixed start {FIXED_START}": fixed_r,
             },
             cbf_r,
             att_r,
+        )
+
+    # A territory of long transit: where one prior for all voxels would do harm.
+    cbf_t, att_t, m0_t, territory, deltam_t = simulate_territory(args.noise, args.seed + 20)
+    fit_t = pipeline_fit(deltam_t, m0_t, TERRITORY_SHAPE)
+    plain_t = least_squares_fit(deltam_t, m0_t)
+    # For comparison, one prior for all voxels: median and robust SD of the least-squares ATTs
+    one = fit_multidelay(
+        deltam_t, m0_t, PLDS, TAU, att_bounds=ATT_BOUNDS, att_prior=global_prior, **CONSTANTS
+    )
+    fixed_t, _ = curve_fit_loop(deltam_t, m0_t, np.tile(FIXED_START, (cbf_t.size, 1)))
+    rows_t = {
+        "pipeline (local ATT prior)": np.stack([fit_t.cbf, fit_t.att], axis=1),
+        "one prior for all voxels": np.stack([one.cbf, one.att], axis=1),
+        "vectorised least squares": np.stack([plain_t.cbf, plain_t.att], axis=1),
+        f"curve_fit, fixed start {FIXED_START}": fixed_t,
+    }
+    for name, region in (("territory", territory), ("rest", ~territory)):
+        print(
+            f"\n{TERRITORY_SHAPE} phantom, CBF N(50, 10^2): {name} ({region.sum()} voxels, "
+            f"true ATT U{(1.6, 1.9) if name == 'territory' else (0.8, 1.3)} s)"
+        )
+        accurate[f"phantom {name}"] = compare(
+            {label: params[region] for label, params in rows_t.items()},
+            cbf_t[region],
+            att_t[region],
         )
 
     met_speed = ratio >= TARGET_RATIO

@@ -186,8 +186,8 @@ def test_multidelay_fit(processed, subject):
     assert set(meta["DeltaMVolumesPerDelay"].values()) == {3}  # 3 pairs at every delay
     assert meta["QualityWarnings"] == []
     assert meta["ATTMethod"] == "fit"
-    assert meta["FitSettings"]["ATTPrior"]["VoxelsUsed"] > 1000  # the default, estimated
-    assert "with the subject's ATT prior" in meta["Model"]
+    assert meta["FitSettings"]["ATTPrior"]["NeighbourhoodFWHM"] == 8.0  # the default
+    assert "with a local ATT prior" in meta["Model"]
     assert json.loads((perf / f"sub-{subject}_att.json").read_text())["Units"] == "s"
     assert not (perf / f"sub-{subject}_desc-timeseries_cbf.nii.gz").exists()
 
@@ -208,7 +208,7 @@ def test_dry_run_bids_examples(bids_examples, tmp_path):
     (run,) = json.loads(result.stdout)["runs"]
     assert run["model"] == (
         "multi-TI PASL: general kinetic model (Buxton et al. 1998) fitted for CBF and arterial "
-        "transit time with the subject's ATT prior over 10 delays"
+        "transit time with a local ATT prior over 10 delays"
     )
     assert len(run["volumes_per_delay"]) == 10
 
@@ -246,7 +246,7 @@ def test_dry_run_hcp_aging_like_design(tmp_path):
     (run,) = json.loads(result.stdout)["runs"]
     assert run["model"] == (
         "multi-delay PCASL: general kinetic model (Buxton et al. 1998) fitted for CBF and "
-        "arterial transit time with the subject's ATT prior over 5 delays"
+        "arterial transit time with a local ATT prior over 5 delays"
     )
     assert run["volumes_per_delay"] == {"0.2": 12, "0.7": 12, "1.2": 12, "1.7": 20, "2.2": 30}
     assert run["volumes"] == {"label": 43, "control": 43, "noRF": 2, "m0scan": 2}

@@ -54,33 +54,33 @@ def _kinetic_node_run(tmp_path, truth, m0_scale=1.0, **options):
 
 
 def test_kinetic_node_att_prior_and_methods(tmp_path):
-    """The sidecar says which ATT estimate ran: the subject prior (default, with its numbers),
-    none, or the weighted delay (no prior, no ATT error map)."""
+    """The sidecar says which ATT estimate ran: the local prior (default, with its settings
+    and typical values), none, or the weighted delay (no prior, no ATT error map)."""
     from aslprep_lite.synthetic import SyntheticSpec, write_dataset
 
     spec = SyntheticSpec(
         subject="md", plds=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5), labeling_duration=1.4, n_pairs=2
     )
     (truth,) = write_dataset(tmp_path / "bids", [spec])
-    subject, cbf_subject = _kinetic_node_run(tmp_path, truth)
+    local, cbf_local = _kinetic_node_run(tmp_path, truth)
     none, cbf_none = _kinetic_node_run(tmp_path, truth, att_prior="none")
     wd, _ = _kinetic_node_run(tmp_path, truth, att_method="weighted-delay")
 
-    prior = subject.metadata["FitSettings"]["ATTPrior"]
-    assert prior["VoxelsUsed"] == int(truth.brain_mask.sum())
-    assert 0.9 < prior["Mean"] < 1.6  # GM 1.2 s, WM 1.6 s
-    assert prior["SD"] >= prior["MinimumSD"] == 0.1
-    assert "posterior SD" in subject.maps_metadata["desc-stderr_att.nii.gz"]["Description"]
+    prior = local.metadata["FitSettings"]["ATTPrior"]
+    assert prior["NeighbourhoodFWHM"] == 8.0 and prior["MinimumSD"] == 0.1
+    assert 0.9 < prior["MedianMean"] < 1.6  # GM 1.2 s, WM 1.6 s
+    assert prior["MedianSD"] >= 0.1
+    assert "posterior SD" in local.maps_metadata["desc-stderr_att.nii.gz"]["Description"]
     assert none.metadata["FitSettings"]["ATTPrior"] == "none"
     assert "posterior" not in none.maps_metadata["desc-stderr_att.nii.gz"]["Description"]
     assert "ATTPrior" not in wd.metadata["FitSettings"]
     assert "desc-stderr_att.nii.gz" not in wd.maps
     # The prior changes the estimates (same data, same node otherwise)
-    assert not np.array_equal(cbf_subject, cbf_none)
-    assert np.median(np.abs(cbf_subject - cbf_none)) < 0.1 * np.median(np.abs(cbf_none))
+    assert not np.array_equal(cbf_local, cbf_none)
+    assert np.median(np.abs(cbf_local - cbf_none)) < 0.1 * np.median(np.abs(cbf_none))
 
     # Plausible CBF: no warning; an M0 100 times too small (a vendor scale): a loud one
-    assert subject.metadata["QualityWarnings"] == []
+    assert local.metadata["QualityWarnings"] == []
     scaled, _ = _kinetic_node_run(tmp_path, truth, m0_scale=0.01)
     (warning,) = scaled.metadata["QualityWarnings"]
     assert "M0 scaling" in warning

@@ -91,11 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     proc.add_argument(
         "--att-prior",
-        choices=["subject", "none"],
-        default="subject",
+        choices=["local", "none"],
+        default="local",
         help="multi-delay runs fitted with --att-method fit: shrink each voxel's ATT toward "
-        "the subject's typical ATT by an empirical-Bayes Gaussian prior estimated from a "
-        "first least-squares fit (subject), or plain least squares (none)",
+        "the ATTs around it by an empirical-Bayes Gaussian prior estimated from a first "
+        "least-squares fit (local), or plain least squares (none)",
     )
     proc.add_argument(
         "--arterial-component",

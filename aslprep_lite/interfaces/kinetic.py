@@ -93,16 +93,26 @@ class FitKineticModel(SimpleInterface):
             options = {
                 "att_bounds": att_bounds,
                 "delay_offset": offsets,
-                "att_prior": "subject" if plan.att_prior == "subject" else None,
+                "att_prior": None,
                 **constants,
             }
+            if plan.att_prior == "local":
+                zooms = img.header.get_zooms()[:3]
+
+                def local_prior(least_squares: kinetic.FitResult):
+                    volume = np.full(mask.shape, np.nan)
+                    volume[mask] = least_squares.att
+                    mean, sd = kinetic.local_att_prior(volume, mask, zooms)
+                    return mean[mask], sd[mask]
+
+                options["att_prior"] = local_prior
             args = (signal, m0_vox, delays, durations)
             if plan.arterial_component:
                 fit, kept = kinetic.fit_with_arterial_selection(*args, **options)
                 arterial_voxels = int(kept.sum())
             else:
                 fit = kinetic.fit_multidelay(*args, **options)
-            if plan.att_prior == "subject":
+            if plan.att_prior == "local":
                 prior_record = _prior_record(fit.att_prior)
             cbf, failed = fit.cbf, fit.failed
             maps["att.nii.gz"] = fit.att
@@ -216,22 +226,22 @@ class FitKineticModel(SimpleInterface):
         return consensus_cbf(mean, m0, delay=delay, duration=durations[longest][0], **constants)
 
 
-def _prior_record(prior: kinetic.AttPrior | None) -> dict[str, Any]:
-    """The sidecar's account of the subject's ATT prior."""
-    if prior is None:
-        return {
-            "Type": "none: fewer than 50 voxels fitted by least squares to estimate it from; "
-            "plain least squares used"
-        }
+def _prior_record(prior: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """The sidecar's account of the local ATT prior: how it was made and its typical values."""
+    mean, sd = (values[np.isfinite(values)] for values in prior)
     return {
-        "Type": "Gaussian, empirical Bayes from this run's least-squares fit "
-        "(kinetic.subject_att_prior)",
-        "Mean": round(prior.mean, 6),
-        "SD": round(prior.sd, 6),
+        "Type": "Gaussian per voxel, empirical Bayes from this run's least-squares ATTs "
+        "(kinetic.local_att_prior): mean and SD of the least-squares ATTs around the voxel",
+        "NeighbourhoodFWHM": kinetic.ATT_PRIOR_FWHM,
         "MinimumSD": kinetic.ATT_PRIOR_MIN_SD,
-        "VoxelsUsed": prior.voxels,
-        "Rule": "mean: median least-squares ATT; SD: their interquartile range / 1.349, at "
-        "least MinimumSD",
+        **(
+            {
+                "MedianMean": round(float(np.median(mean)), 6),
+                "MedianSD": round(float(np.median(sd)), 6),
+            }
+            if mean.size
+            else {}
+        ),
     }
 
 
@@ -259,10 +269,6 @@ def _map_sidecar(suffix: str, plan: RunPlan) -> dict[str, Any]:
         ),
     }
     units, description = descriptions[suffix]
-    if (
-        suffix.startswith("desc-stderr")
-        and plan.att_method == "fit"
-        and plan.att_prior == "subject"
-    ):
-        description += " (posterior SD under the subject's ATT prior)"
+    if suffix.startswith("desc-stderr") and plan.att_method == "fit" and plan.att_prior == "local":
+        description += " (posterior SD under the local ATT prior)"
     return {"Units": units, "Description": description}

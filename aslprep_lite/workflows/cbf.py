@@ -10,6 +10,7 @@ from nipype.pipeline import engine as pe
 from aslprep_lite.bids import RunPlan
 from aslprep_lite.interfaces.cbf import ComputeCBF, ComputeDeltaM
 from aslprep_lite.interfaces.kinetic import FitKineticModel
+from aslprep_lite.quant.kinetic import ATT_PRIOR_FWHM
 
 OUTPUTS = ["mean_deltam", "cbf", "cbf_timeseries", "cbf_metadata", "maps", "maps_metadata"]
 
@@ -102,10 +103,11 @@ def _init_multidelay_wf(plan: dict[str, Any], *, mem_gb: float, name: str):
         "search over ATT with CBF solved in closed form, then Levenberg-Marquardt, vectorized "
         "over voxels)"
         + (
-            ", ATT regularized by a Gaussian prior whose mean and SD were estimated from a "
-            "first least-squares fit of the same run (empirical Bayes; Efron & Morris 1975), "
-            "i.e. maximum a posteriori estimates with the voxel's own noise variance"
-            if plan["att_prior"] == "subject"
+            ", ATT regularized by a Gaussian prior per voxel whose mean and SD were those of "
+            "the least-squares ATTs of a first fit in its neighbourhood "
+            f"({ATT_PRIOR_FWHM:g} mm FWHM; empirical Bayes, Efron & Morris 1975), i.e. maximum "
+            "a posteriori estimates with the voxel's own noise variance"
+            if plan["att_prior"] == "local"
             else ""
         )
     )
@@ -122,7 +124,7 @@ def _init_multidelay_wf(plan: dict[str, Any], *, mem_gb: float, name: str):
             else ""
         )
         + ". Standard errors came from the Jacobian at the solution"
-        + (" (posterior SDs under the prior)" if plan["att_prior"] == "subject" else "")
+        + (" (posterior SDs under the prior)" if plan["att_prior"] == "local" else "")
         + "; voxels where the fit "
         "failed are flagged in a mask. For comparison, CBF was also computed with the "
         "single-delay consensus formula from the volumes at the longest delay."
