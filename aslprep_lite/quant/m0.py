@@ -71,31 +71,23 @@ def brain_mask(image: NDArray, zooms: Sequence[float]) -> NDArray[np.bool_]:
 
 
 def smooth_within_mask(
-    image: NDArray,
-    mask: NDArray,
-    zooms: Sequence[float],
-    fwhm_mm: float,
-    *,
-    where: NDArray | None = None,
+    image: NDArray, mask: NDArray, zooms: Sequence[float], fwhm_mm: float
 ) -> NDArray[np.float64]:
     """Gaussian smoothing restricted to a mask (normalized convolution).
 
     smooth(image·mask) / smooth(mask) inside the mask, 0 outside: smoothing the M0 reduces the
     noise it passes into CBF, and normalizing by the smoothed mask stops the zero background
     from pulling M0 down (and CBF up) at the brain edge. ``fwhm_mm`` 0 returns the masked image.
-    ``where``: the voxels to return values for instead of ``mask`` (e.g. also voxels outside
-    ``mask`` that take their neighbours' mean; 0 where no voxel of ``mask`` is in reach).
     """
     image = np.asarray(image, dtype=np.float64)
     mask = np.asarray(mask, dtype=bool)
-    where = mask if where is None else np.asarray(where, dtype=bool)
     if fwhm_mm <= 0:
-        return np.where(mask & where, image, 0.0)
+        return np.where(mask, image, 0.0)
     sigma = fwhm_mm / SIGMA_TO_FWHM / np.asarray(zooms, dtype=np.float64)
     weights = ndimage.gaussian_filter(mask.astype(np.float64), sigma, mode="constant")
     smoothed = ndimage.gaussian_filter(np.where(mask, image, 0.0), sigma, mode="constant")
     out = np.zeros_like(image)
-    np.divide(smoothed, weights, out=out, where=where & (weights > 1e-6))
+    np.divide(smoothed, weights, out=out, where=mask & (weights > 1e-6))
     return out
 
 
