@@ -155,10 +155,7 @@ def pipeline_fit(
         mask = np.ones(shape, dtype=bool)
 
     def local_prior(least_squares: FitResult) -> tuple[np.ndarray, np.ndarray]:
-        volume = np.full(shape, np.nan)
-        volume[mask] = least_squares.att
-        mean, sd = local_att_prior(volume, mask, ZOOMS)
-        return mean[mask], sd[mask]
+        return local_att_prior(least_squares.att, mask, ZOOMS)
 
     return fit_multidelay(
         deltam, m0, PLDS, TAU, att_bounds=ATT_BOUNDS, att_prior=local_prior, **CONSTANTS

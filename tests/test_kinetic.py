@@ -608,13 +608,8 @@ def test_map_fit_matches_independent_minimiser():
 def _local(shape, zooms=(3.5, 3.5, 3.5)):
     """The pipeline's prior for voxels laid out (C order) on a grid of this shape."""
 
-    def prior(least_squares):
-        mean, sd = kinetic.local_att_prior(
-            least_squares.att.reshape(shape), np.ones(shape, dtype=bool), zooms
-        )
-        return mean.ravel(), sd.ravel()
-
-    return prior
+    mask = np.ones(shape, dtype=bool)
+    return lambda least_squares: kinetic.local_att_prior(least_squares.att, mask, zooms)
 
 
 def _kernel(sigma: float) -> np.ndarray:
@@ -640,24 +635,31 @@ def test_local_prior_by_hand():
     interior = (x >= 8) & (x <= 21) & (y == 14) & (z == 14)
     deep = interior & (x >= 14) & (x <= 15)
     ramp = 0.5 + 0.02 * x
-    mean, sd = kinetic.local_att_prior(ramp, mask, zooms)
+
+    def prior(att):  # as volumes, for indexing by position
+        return (
+            values.reshape(shape) for values in kinetic.local_att_prior(att[mask], mask, zooms)
+        )
+
+    mean, sd = prior(ramp)
     np.testing.assert_allclose(mean[interior], ramp[interior], atol=1e-12)
     np.testing.assert_allclose(sd[interior], kinetic.ATT_PRIOR_MIN_SD)
     g = _kernel(8.0 / (2 * np.sqrt(2 * np.log(2))) / 2.0)
     w0 = g[g.size // 2] ** 3
     a = np.sum((-1.0) ** np.arange(g.size) * g) * (-1.0) ** (g.size // 2)
     sign = (-1.0) ** x
-    mean, sd = kinetic.local_att_prior(1.2 + 0.2 * sign, mask, zooms)
+    mean, sd = prior(1.2 + 0.2 * sign)
     expected = 1.2 + 0.2 * sign * (a - w0) / (1 - w0)
     np.testing.assert_allclose(mean[interior], expected[interior], atol=1e-12)
     np.testing.assert_allclose(sd[deep], 0.2 * (1 - a) / (1 - w0), atol=1e-12)
     hole = np.where((x == 15) & (y == 14) & (z == 14), np.nan, ramp)
-    mean, _ = kinetic.local_att_prior(hole, mask, zooms)
+    mean, _ = prior(hole)
     assert mean[15, 14, 14] == pytest.approx(ramp[15, 14, 14], abs=1e-12)
     # A voxel with no neighbour in reach (or a mask of one voxel): no prior at all
     lonely = np.zeros(shape, dtype=bool)
     lonely[5, 14, 14] = lonely[25, 14, 14] = True
-    mean, sd = kinetic.local_att_prior(ramp, lonely, zooms)
+    mean, sd = kinetic.local_att_prior(ramp[lonely], lonely, zooms)
+    assert mean.shape == sd.shape == (2,)
     assert np.all(np.isinf(sd)) and np.all(mean == 0)
 
 

@@ -98,14 +98,7 @@ class FitKineticModel(SimpleInterface):
             }
             if plan.att_prior == "local":
                 zooms = img.header.get_zooms()[:3]
-
-                def local_prior(least_squares: kinetic.FitResult):
-                    volume = np.full(mask.shape, np.nan)
-                    volume[mask] = least_squares.att
-                    mean, sd = kinetic.local_att_prior(volume, mask, zooms)
-                    return mean[mask], sd[mask]
-
-                options["att_prior"] = local_prior
+                options["att_prior"] = lambda fit: kinetic.local_att_prior(fit.att, mask, zooms)
             args = (signal, m0_vox, delays, durations)
             if plan.arterial_component:
                 fit, kept = kinetic.fit_with_arterial_selection(*args, **options)

@@ -832,7 +832,7 @@ def fit_multidelay(
         noise variance s² of the voxel's own least-squares residual). Or a function of the
         least-squares :class:`FitResult` returning that (mean, SD), or None for no prior:
         the fit runs by least squares first, asks it for the prior (empirical Bayes, e.g.
-        :func:`local_att_prior` through the voxels' positions) and fits again with it. The
+        :func:`local_att_prior` with the voxels' positions) and fits again with it. The
         prior used is ``FitResult.att_prior``. None (default): plain least squares.
     max_iter, xtol, ftol
         Levenberg-Marquardt stopping rules (see ``_levenberg_marquardt``). ``max_iter=0``
@@ -1363,9 +1363,10 @@ def local_att_prior(
     Parameters
     ----------
     att
-        ATT volume (s), NaN where there is none (not fitted).
+        (V,) least-squares ATT (s) of the voxels of ``mask`` in C order (``volume[mask]``, as
+        fitted), NaN where there is none (not fitted).
     mask
-        Voxels the prior is wanted for (e.g. the brain mask), same shape.
+        3D mask of the fitted voxels (e.g. the brain mask).
     zooms
         Voxel sizes (mm).
     fwhm_mm, min_sd
@@ -1374,13 +1375,15 @@ def local_att_prior(
     Returns
     -------
     (mean, sd)
-        Volumes of the prior's mean and SD (s); 0 and inf outside ``mask`` and where no
-        neighbour has an ATT.
+        (V,) prior mean and SD (s) of each voxel; 0 and inf where no neighbour has an ATT.
+        A function of the least-squares fit returning these is ``fit_multidelay``'s
+        ``att_prior``: ``lambda fit: local_att_prior(fit.att, mask, zooms)``.
     """
-    att = np.asarray(att, dtype=np.float64)
     mask = np.asarray(mask, dtype=bool)
-    have = (mask & np.isfinite(att)).astype(np.float64)
-    values = np.where(have > 0, att, 0.0)
+    volume = np.full(mask.shape, np.nan)
+    volume[mask] = np.asarray(att, dtype=np.float64)
+    have = (mask & np.isfinite(volume)).astype(np.float64)
+    values = np.where(have > 0, volume, 0.0)
     sigma = fwhm_mm / SIGMA_TO_FWHM / np.asarray(zooms, dtype=np.float64)
 
     def smooth(image: NDArray) -> NDArray:
@@ -1388,7 +1391,7 @@ def local_att_prior(
 
     # The kernel's weight at offset 0 (a single voxel smoothed with zeros around it): each
     # voxel's own share of its smoothed sums, taken out again below.
-    own = float(smooth(np.ones((1,) * att.ndim)).item())
+    own = float(smooth(np.ones((1,) * mask.ndim)).item())
     others = smooth(have) - own * have  # the neighbours' total weight
     reach = mask & (others > 1e-6)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -1396,7 +1399,7 @@ def local_att_prior(
         residual2 = np.where(reach & (have > 0), (values - mean) ** 2, 0.0)
         variance = (smooth(residual2) - own * residual2) / others
     sd = np.where(reach, np.maximum(np.sqrt(np.maximum(variance, 0.0)), min_sd), np.inf)
-    return mean, sd
+    return mean[mask], sd[mask]
 
 
 #: How far beyond the longest delay ATT may go (s), see :func:`att_upper_bound`.
