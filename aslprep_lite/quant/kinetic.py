@@ -483,13 +483,11 @@ class _Problem:
     prior_mean: NDArray | None = None  # (V,) ATT prior mean
     prior_weight: NDArray | None = None  # (V,) s²/σ_p² of the ATT prior, None: no prior
 
-    def model(
-        self, p: NDArray, rows: NDArray | None, derivative: bool
-    ) -> tuple[NDArray, NDArray | None]:
-        """(V', U) ΔM/M0 and (V', U, P) Jacobian at params p (V', P) for voxels ``rows``."""
-        t = self.t if self.t.ndim == 1 or rows is None else self.t[rows]
-        params = [p[:, j : j + 1] for j in range(p.shape[1])]
-        signal, columns = _evaluate(
+    def evaluate(
+        self, params: list[NDArray], t: NDArray, derivative: bool
+    ) -> tuple[NDArray, list[NDArray]]:
+        """:func:`_evaluate` with this problem's constants."""
+        return _evaluate(
             params,
             t,
             self.tau,
@@ -501,6 +499,14 @@ class _Problem:
             sigma=self.sigma,
             derivative=derivative,
         )
+
+    def model(
+        self, p: NDArray, rows: NDArray | None, derivative: bool
+    ) -> tuple[NDArray, NDArray | None]:
+        """(V', U) ΔM/M0 and (V', U, P) Jacobian at params p (V', P) for voxels ``rows``."""
+        t = self.t if self.t.ndim == 1 or rows is None else self.t[rows]
+        params = [p[:, j : j + 1] for j in range(p.shape[1])]
+        signal, columns = self.evaluate(params, t, derivative)
         signal = np.broadcast_to(signal, (p.shape[0], self.tau.size))
         if not derivative:
             return signal, None
@@ -563,18 +569,7 @@ def _grid_start(
         )
         t = problem.t if problem.t.ndim == 1 else problem.t[rows]
         # Tissue templates g_k = model at CBF 1 and ATT = grid[k]: (K, c|1, U)
-        g, _ = _evaluate(
-            [unit, att_grid.reshape(-1, 1, 1)],
-            t,
-            problem.tau,
-            pulsed=problem.pulsed,
-            t1b=problem.t1b,
-            t1p=problem.t1p,
-            alpha=problem.alpha,
-            lam=problem.lam,
-            sigma=problem.sigma,
-            derivative=False,
-        )
+        g, _ = problem.evaluate([unit, att_grid.reshape(-1, 1, 1)], t, derivative=False)
         gg = (g**2) @ w  # (K, c|1)
         gy = (g * y) @ w  # (K, c)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -588,17 +583,9 @@ def _grid_start(
             noise_var[rows] = s2
             continue
         # Arterial templates a_m = c(t) at aBV 1, aBAT = grid[m]: (M, c|1, U)
-        a, _ = _evaluate(
-            [np.zeros((1, 1)), np.zeros((1, 1)), unit, abat_grid.reshape(-1, 1, 1)],
-            t,
-            problem.tau,
-            pulsed=problem.pulsed,
-            t1b=problem.t1b,
-            t1p=problem.t1p,
-            alpha=problem.alpha,
-            lam=problem.lam,
-            sigma=problem.sigma,
-            derivative=False,
+        zero = np.zeros((1, 1))
+        a, _ = problem.evaluate(
+            [zero, zero, unit, abat_grid.reshape(-1, 1, 1)], t, derivative=False
         )
         aa = (a**2) @ w  # (M, c|1)
         ay = (a * y) @ w  # (M, c)
