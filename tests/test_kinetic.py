@@ -797,3 +797,186 @@ def test_prior_survives_singular_voxels():
     )
     assert np.isnan(fit.abat_se[fit.reason & FAIL_SINGULAR != 0]).any()
     assert np.isfinite(fit.cbf).all()
+
+
+# --------------------------------------------------------------------------------------------
+# The pieces of fit_multidelay, by hand
+# --------------------------------------------------------------------------------------------
+def test_fit_defaults_are_the_module_constants():
+    import inspect
+
+    assert kinetic.CBF_BOUNDS == (-100.0, 500.0)
+    assert kinetic.ATT_BOUNDS == (0.0, 5.0)
+    assert kinetic.ABV_BOUNDS == (0.0, 0.1)
+    assert kinetic.ABAT_BOUNDS == (0.0, 3.0)
+    assert kinetic.ATT_STEP == 0.05
+    assert kinetic.MAX_ITER == 100
+    assert kinetic.ARTERIAL_DISPERSION == 0.1
+    bounds = (kinetic.CBF_BOUNDS, kinetic.ATT_BOUNDS, kinetic.ABV_BOUNDS, kinetic.ABAT_BOUNDS)
+    assert all(type(v) is float for pair in bounds for v in pair)
+    defaults = {
+        name: p.default for name, p in inspect.signature(fit_multidelay).parameters.items()
+    }
+    assert defaults["cbf_bounds"] is kinetic.CBF_BOUNDS
+    assert defaults["att_bounds"] is kinetic.ATT_BOUNDS
+    assert defaults["abv_bounds"] is kinetic.ABV_BOUNDS
+    assert defaults["abat_bounds"] is kinetic.ABAT_BOUNDS
+    assert defaults["att_step"] is kinetic.ATT_STEP
+    assert defaults["max_iter"] is kinetic.MAX_ITER
+    for function in (fit_multidelay, arterial_signal, kinetic_jacobian):
+        dispersion = inspect.signature(function).parameters["arterial_dispersion"]
+        assert dispersion.default is kinetic.ARTERIAL_DISPERSION
+    assert kinetic.att_upper_bound([9.0], "PCASL") == 5.0  # the ceiling is ATT_BOUNDS[1]
+
+
+def test_timing_means_by_hand():
+    deltam = np.array([[1.0, 3, 2, 6], [2, 2, 4, 4], [np.nan, 1, 1, 1], [1, 1, 1, 1]])
+    m0 = np.array([1.0, 2.0, 1.0, 0.0])  # voxel 2: NaN ΔM, voxel 3: M0 = 0; not fittable
+    column = np.array([0, 0, 1, 1])
+    rows, mean, within = kinetic._timing_means(deltam, m0, column, np.array([2.0, 2.0]))
+    np.testing.assert_array_equal(rows, [0, 1])
+    # voxel 0: means (1+3)/2 = 2, (2+6)/2 = 4; scatter 1 + 1 + 4 + 4 = 10
+    # voxel 1: ΔM/M0 = 1, 1, 2, 2: means 1, 2; scatter 0
+    np.testing.assert_array_equal(mean, [[2.0, 4.0], [1.0, 2.0]])
+    np.testing.assert_array_equal(within, [10.0, 0.0])
+
+
+def test_fit_times_by_hand():
+    delay, duration = np.array([1.0, 0.5, 1.0, 0.5]), np.full(4, 1.8)
+    t, tau, column, counts = kinetic._fit_times(
+        delay, duration, pulsed=False, delay_offset=None, n_vox=2
+    )
+    np.testing.assert_allclose(t, [2.3, 2.8], rtol=1e-15)  # τ + PLD of PLD 0.5 and 1.0
+    np.testing.assert_array_equal(tau, [1.8, 1.8])
+    np.testing.assert_array_equal(column, [1, 0, 1, 0])
+    np.testing.assert_array_equal(counts, [2.0, 2.0])
+    t, *_ = kinetic._fit_times(delay, duration, pulsed=True, delay_offset=[0.0, 0.25], n_vox=2)
+    np.testing.assert_array_equal(t, [[0.5, 1.0], [0.75, 1.25]])  # TI + each voxel's offset
+    with pytest.raises(ValueError, match="2 distinct delays"):
+        kinetic._fit_times(np.ones(4), duration, pulsed=False, delay_offset=None, n_vox=2)
+
+
+def test_start_grid_by_hand():
+    # Up to the earlier of the upper bound and the latest time, within half a step.
+    np.testing.assert_array_equal(kinetic._start_grid((0.0, 5.0), 2.0, 0.5), [0, 0.5, 1, 1.5, 2])
+    np.testing.assert_array_equal(kinetic._start_grid((0.0, 1.0), 2.0, 0.5), [0, 0.5, 1])
+    np.testing.assert_array_equal(kinetic._start_grid((0.0, 5.0), 1.3, 0.5), [0, 0.5, 1, 1.5])
+    np.testing.assert_array_equal(kinetic._start_grid((0.5, 5.0), 1.0, 0.25), [0.5, 0.75, 1])
+
+
+def test_set_up_fit_by_hand():
+    setup = kinetic._set_up_fit(
+        np.array([[1.0, 3, 2, 6], [np.nan, 1, 1, 1]]),
+        np.array([1.0, 1.0]),
+        np.array([0.5, 0.5, 1.0, 1.0]),
+        np.full(4, 1.8),
+        [kinetic.CBF_BOUNDS, (0.0, 5.0)],
+        pulsed=False,
+        t1b=T1B,
+        t1p=T1B,
+        alpha=0.85,
+        lam=0.9,
+        sigma=0.1,
+        delay_offset=None,
+        att_step=0.5,
+    )
+    np.testing.assert_array_equal(setup.rows, [0])
+    np.testing.assert_array_equal(setup.problem.mean, [[2.0, 4.0]])
+    np.testing.assert_array_equal(setup.within, [10.0])
+    np.testing.assert_array_equal(setup.total, [50.0])  # 1 + 9 + 4 + 36
+    assert (setup.n_vox, setup.n_vol, setup.dof, setup.arterial) == (2, 4, 2, False)
+    # latest time τ + PLD = 2.8 s: the ATT grid stops at 3.0, within half a step of it
+    np.testing.assert_array_equal(setup.att_grid, [0, 0.5, 1, 1.5, 2, 2.5, 3])
+    assert setup.abat_grid is None
+
+
+def _hand_bounds(n_par: int) -> np.ndarray:
+    bounds = [kinetic.CBF_BOUNDS, kinetic.ATT_BOUNDS, kinetic.ABV_BOUNDS, kinetic.ABAT_BOUNDS]
+    return np.array(bounds[:n_par])
+
+
+def test_standard_errors_by_hand():
+    # Two timings weighted 1 and 4. Voxel 0: dm/dCBF = 0.01 at the first, dm/dATT = 2 at the
+    # second, so in units of _SCALES (100, 1) JᵀWJ = diag(1·1², 4·2²) = diag(1, 16); with
+    # s² = 4 the errors are sqrt(4/1)·100 = 200 and sqrt(4/16) = 0.5. Voxel 1: ATT does not
+    # move the model, JᵀWJ = diag(1, 0) is singular; CBF's error with ATT held fixed is 200.
+    jac = np.array([[[0.01, 0.0], [0.0, 2.0]], [[0.01, 0.0], [0.0, 0.0]]])
+    counts, four = np.array([1.0, 4.0]), np.full(2, 4.0)
+    options = {"s2": four, "variance": four, "no_arterial": np.zeros(2, dtype=bool)}
+    se, singular = kinetic._standard_errors(
+        jac, counts, _hand_bounds(2), prior_weight=None, **options
+    )
+    np.testing.assert_allclose(se, [[200.0, 0.5], [200.0, np.nan]], rtol=1e-14)
+    np.testing.assert_array_equal(singular, [False, True])
+    # A prior of weight s²/σ_p² = 48 adds 48 to ATT's diagonal: posterior SDs sqrt(4/64) =
+    # 0.25 and, where the data alone leave ATT undetermined, sqrt(4/48); still flagged there.
+    se, singular = kinetic._standard_errors(
+        jac, counts, _hand_bounds(2), prior_weight=np.full(2, 48.0), **options
+    )
+    np.testing.assert_allclose(se, [[200.0, 0.25], [200.0, np.sqrt(1 / 12)]], rtol=1e-14)
+    np.testing.assert_array_equal(singular, [False, True])
+
+
+def test_standard_errors_without_arterial_signal_by_hand():
+    # aBV and aBAT do not move the model: singular for the full model (only CBF's conditional
+    # error 200 survives), but where aBV = 0 the (CBF, ATT) block's errors stand.
+    jac = np.array([[[0.01, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]]])
+    options = {"s2": np.array([4.0]), "variance": np.array([4.0]), "prior_weight": None}
+    se, singular = kinetic._standard_errors(
+        jac, np.array([1.0, 4.0]), _hand_bounds(4), no_arterial=np.array([True]), **options
+    )
+    np.testing.assert_allclose(se, [[200.0, 0.5, np.nan, np.nan]], rtol=1e-14)
+    assert not singular[0]
+    se, singular = kinetic._standard_errors(
+        jac, np.array([1.0, 4.0]), _hand_bounds(4), no_arterial=np.array([False]), **options
+    )
+    np.testing.assert_allclose(se, [[200.0, np.nan, np.nan, np.nan]], rtol=1e-14)
+    assert singular[0]
+
+
+def test_failure_reason_by_hand():
+    from aslprep_lite.quant.kinetic import FAIL_NONFINITE, FAIL_NOT_CONVERGED, NO_ARTERIAL
+
+    bounds = _hand_bounds(2)
+    params = np.array([[50.0, 1], [500, 1], [50, 1], [50, 1], [50, 1], [50, 5 - 1e-6]])
+    se = np.array([[1.0, 0.1]] * 6)
+    se[3, 1], se[4, 1] = np.nan, np.inf
+    converged = np.array([True, True, False, True, True, True])
+    singular = np.array([False, False, False, True, False, False])
+    no_arterial = kinetic._no_arterial(params, bounds)
+    assert not no_arterial.any()
+    reason = kinetic._failure_reason(
+        params, se, bounds, converged=converged, singular=singular, no_arterial=no_arterial
+    )
+    # ok, CBF on its upper bound, not converged, singular (its NaN error is not flagged
+    # again), an infinite error, ATT within 10⁻⁶ × 5 s of its upper bound
+    expected = [0, FAIL_AT_BOUNDS, FAIL_NOT_CONVERGED, FAIL_SINGULAR, FAIL_NONFINITE]
+    np.testing.assert_array_equal(reason, [*expected, FAIL_AT_BOUNDS])
+
+    bounds = _hand_bounds(4)
+    params = np.array(
+        [[50.0, 1, 0, np.nan], [50, 1, 0.01, 3.0], [50, 1, 0.1, 0.5], [50, 1, 0, 3.0]]
+    )
+    se = np.array([[1.0, 0.1, 1e-3, 0.1]] * 4)
+    se[[0, 3], 2:] = np.nan  # aBV's and aBAT's errors are NaN without arterial signal
+    no_arterial = kinetic._no_arterial(params, bounds)
+    np.testing.assert_array_equal(no_arterial, [True, False, False, True])
+    reason = kinetic._failure_reason(
+        params,
+        se,
+        bounds,
+        converged=np.ones(4, dtype=bool),
+        singular=np.zeros(4, dtype=bool),
+        no_arterial=no_arterial,
+    )
+    # aBV = 0: NO_ARTERIAL only (aBAT NaN or on a bound is moot); aBAT or aBV on an upper bound
+    expected = [NO_ARTERIAL, FAIL_AT_BOUNDS, FAIL_AT_BOUNDS, NO_ARTERIAL]
+    np.testing.assert_array_equal(reason, expected)
+
+
+def test_r_squared_by_hand():
+    # voxel 0: means 1 and 3 around 2, spread 1 + 1 = 2, R² = 1 − 0.5/2; voxel 1: flat, NaN
+    r2 = kinetic._r_squared(
+        np.array([[1.0, 3.0], [2.0, 2.0]]), np.array([1.0, 1.0]), np.array([0.5, 0.1])
+    )
+    np.testing.assert_array_equal(r2, [0.75, np.nan])

@@ -20,7 +20,6 @@ from aslprep_lite.quant.cbf import (
 )
 from aslprep_lite.quant.deltam import plan_subtraction, subtract
 from aslprep_lite.quant.m0 import (
-    SIGMA_TO_FWHM,
     brain_mask,
     otsu_threshold,
     reference_region_m0,
@@ -224,7 +223,7 @@ def test_masked_smoothing_fwhm():
     profile = out[:, 20, 20] / out[:, 20, 20].sum()
     x = np.arange(41) - 20.0
     sd = np.sqrt((profile * x**2).sum())
-    assert sd == pytest.approx(8.0 / SIGMA_TO_FWHM, rel=0.02)
+    assert sd == pytest.approx(8.0 / 2.3548, rel=0.02)  # FWHM = 2.3548 σ
 
 
 def test_implausible_cbf_warning():

@@ -72,14 +72,21 @@ from scipy import ndimage
 from scipy.special import ndtr
 
 from aslprep_lite.quant.cbf import UNIT_CONVERSION
-from aslprep_lite.quant.m0 import SIGMA_TO_FWHM
+from aslprep_lite.quant.m0 import voxel_sigma
 
 __all__ = [
+    "ABAT_BOUNDS",
+    "ABV_BOUNDS",
+    "ARTERIAL_DISPERSION",
+    "ATT_BOUNDS",
+    "ATT_STEP",
+    "CBF_BOUNDS",
     "FAIL_AT_BOUNDS",
     "FAIL_INPUT",
     "FAIL_NONFINITE",
     "FAIL_NOT_CONVERGED",
     "FAIL_SINGULAR",
+    "MAX_ITER",
     "NO_ARTERIAL",
     "FitResult",
     "WeightedDelay",
@@ -104,6 +111,16 @@ FAIL_AT_BOUNDS = 4  #: CBF, ATT (or aBAT, or aBV at its upper bound) ends on a b
 FAIL_SINGULAR = 8  #: JᵀJ singular, or a standard error wider than its parameter's bounds
 FAIL_NONFINITE = 16  #: a parameter or its standard error is not finite
 NO_ARTERIAL = 32  #: arterial fit only: aBV is 0 (no arterial signal), aBAT is undetermined
+
+# Defaults of :func:`fit_multidelay`, defined once here so that whoever records the fit's
+# settings (e.g. the BIDS sidecar) can import them instead of restating the numbers.
+CBF_BOUNDS = (-100.0, 500.0)  #: CBF box (mL/100 g/min), see :func:`fit_multidelay`
+ATT_BOUNDS = (0.0, 5.0)  #: ATT box (s)
+ABV_BOUNDS = (0.0, 0.1)  #: arterial blood volume fraction box (mL/mL)
+ABAT_BOUNDS = (0.0, 3.0)  #: arterial bolus arrival time box (s)
+ATT_STEP = 0.05  #: spacing (s) of the starting grid over ATT (and aBAT)
+MAX_ITER = 100  #: Levenberg-Marquardt iteration limit
+ARTERIAL_DISPERSION = 0.1  #: SD σ (s) of the arterial boxcar's blurred edges
 
 # Typical magnitudes of (cbf, att, abv, abat): the fit works in these units so that the
 # Levenberg-Marquardt damping floor means the same for every parameter.
@@ -281,7 +298,7 @@ def arterial_signal(
     t1_blood: float,
     labeling_efficiency: float,
     partition_coefficient: float = 0.9,
-    arterial_dispersion: float = 0.1,
+    arterial_dispersion: float = ARTERIAL_DISPERSION,
     m0: ArrayLike | None = None,
 ) -> NDArray[np.float64]:
     """Arterial (macrovascular) ΔM, Chappell et al. 2010 (see the module docstring).
@@ -319,7 +336,7 @@ def kinetic_jacobian(
     t1_tissue: float | None = None,
     abv: ArrayLike | None = None,
     abat: ArrayLike | None = None,
-    arterial_dispersion: float = 0.1,
+    arterial_dispersion: float = ARTERIAL_DISPERSION,
     m0: ArrayLike | None = None,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Total ΔM (tissue, plus arterial when ``abv`` and ``abat`` are given) and its Jacobian.
@@ -518,6 +535,19 @@ class _Problem:
         if self.prior_weight is None:
             return np.zeros(p.shape[0])
         return self.prior_weight[rows] * (p[:, 1] - self.prior_mean[rows]) ** 2
+
+    def with_prior(self, prior: tuple[NDArray, NDArray], noise_var: NDArray) -> _Problem:
+        """This problem with an ATT prior in its cost, RSS + s² ((ATT − μ) / σ_p)².
+
+        Parameters
+        ----------
+        prior
+            (V,) prior mean μ and SD σ_p of every voxel.
+        noise_var
+            (V,) noise variance s²: it puts the prior on the scale of the RSS, so that the
+            cost is −2 s² × the log posterior up to a constant (maximum a posteriori).
+        """
+        return replace(self, prior_mean=prior[0], prior_weight=noise_var / prior[1] ** 2)
 
 
 def _group_timings(delay: NDArray, duration: NDArray) -> tuple[NDArray, NDArray, NDArray, NDArray]:
@@ -754,6 +784,628 @@ def _levenberg_marquardt(
     return p_out, converged, n_iter, cost_out, jac_out
 
 
+def _check_data(
+    deltam: ArrayLike, m0: ArrayLike, plds: ArrayLike, labeling_duration: ArrayLike
+) -> tuple[NDArray, NDArray, NDArray, NDArray]:
+    """Check :func:`fit_multidelay`'s data and timings and make them float arrays.
+
+    Parameters
+    ----------
+    deltam, m0, plds, labeling_duration
+        As given to :func:`fit_multidelay`.
+
+    Returns
+    -------
+    deltam : (V, N) ndarray
+    m0 : (V,) ndarray
+    delay, duration : (N,) ndarray
+        ``m0``, ``plds`` and ``labeling_duration`` broadcast to these shapes (read-only).
+
+    Raises
+    ------
+    ValueError
+        ``deltam`` is not 2-D, a delay is not finite or negative, or a duration is not > 0.
+    """
+    deltam = np.asarray(deltam, dtype=np.float64)
+    if deltam.ndim != 2:
+        raise ValueError(f"deltam must be (V, N), got shape {deltam.shape}")
+    n_vox, n_vol = deltam.shape
+    m0 = np.broadcast_to(np.asarray(m0, dtype=np.float64), (n_vox,))
+    delay = np.broadcast_to(np.asarray(plds, dtype=np.float64), (n_vol,))
+    duration = np.broadcast_to(np.asarray(labeling_duration, dtype=np.float64), (n_vol,))
+    if np.any(~np.isfinite(delay)) or np.any(delay < 0) or np.any(~(duration > 0)):
+        raise ValueError("plds must be finite and >= 0, labeling_duration > 0")
+    return deltam, m0, delay, duration
+
+
+def _n_parameters(n_vol: int, arterial: bool, arterial_dispersion: float) -> int:
+    """Number of fitted parameters: 2 (CBF, ATT) or, with ``arterial``, 4 (+ aBV, aBAT).
+
+    Raises
+    ------
+    ValueError
+        An arterial fit with a hard boxcar (σ = 0 leaves aBAT with a zero derivative between
+        the delays, see :func:`arterial_signal`), or no more volumes than parameters.
+    """
+    n_par = 4 if arterial else 2
+    if arterial and not arterial_dispersion > 0:
+        raise ValueError("an arterial fit needs arterial_dispersion > 0 (see arterial_signal)")
+    if n_vol <= n_par:
+        raise ValueError(f"{n_vol} volumes cannot determine {n_par} parameters")
+    return n_par
+
+
+def _check_bounds(bounds: Sequence[tuple[float, float]]) -> NDArray:
+    """The (P, 2) float array of the (lower, upper) bounds; raise unless each lower < upper."""
+    box = np.array(bounds, dtype=float)
+    if np.any(box[:, 0] >= box[:, 1]):
+        raise ValueError("every lower bound must be below its upper bound")
+    return box
+
+
+def _fit_times(
+    delay: NDArray,
+    duration: NDArray,
+    *,
+    pulsed: bool,
+    delay_offset: ArrayLike | None,
+    n_vox: int,
+) -> tuple[NDArray, NDArray, NDArray, NDArray]:
+    """The distinct (delay, duration) timings of the volumes and their times since labeling.
+
+    Parameters
+    ----------
+    delay, duration
+        (N,) delay (PLD, or TI for PASL) and labeling/bolus duration of each volume.
+    pulsed
+        PASL (time = TI) rather than (P)CASL (time = τ + PLD).
+    delay_offset
+        (V,) extra delay per voxel, or None.
+    n_vox
+        V, the number of voxels ``delay_offset`` broadcasts to.
+
+    Returns
+    -------
+    t : (U,) or (V, U) ndarray
+        Time since the start of labeling of each distinct timing, per voxel with an offset.
+    tau : (U,) ndarray
+        The labeling/bolus duration of each distinct timing.
+    column : (N,) ndarray of int
+        Which distinct timing each volume has.
+    counts : (U,) ndarray
+        Volumes per distinct timing (float: they weight the residuals).
+    """
+    uniq_delay, tau, column, counts = _group_timings(delay, duration)
+    if uniq_delay.size < 2:
+        raise ValueError("a multi-delay fit needs at least 2 distinct delays")
+    t = _time(uniq_delay, tau, pulsed)
+    if delay_offset is not None:
+        offset = np.broadcast_to(np.asarray(delay_offset, dtype=np.float64), (n_vox,))
+        t = t + offset[:, None]
+    return t, tau, column, counts
+
+
+def _timing_means(
+    deltam: NDArray, m0: NDArray, column: NDArray, counts: NDArray
+) -> tuple[NDArray, NDArray, NDArray]:
+    """ΔM/M0 of the fittable voxels, reduced to its mean at each distinct timing.
+
+    The volumes at one timing share a model value, so the RSS splits into Σ n_i (d̄_i − m_i)²
+    over the timings' means d̄_i plus the scatter of the volumes about those means, which no
+    parameter changes: the fit runs on the means (exact, and N/U times cheaper) and adds the
+    scatter back for the RSS.
+
+    Parameters
+    ----------
+    deltam : (V, N) ndarray
+    m0 : (V,) ndarray
+    column : (N,) ndarray of int
+        Distinct timing of each volume, see :func:`_fit_times`.
+    counts : (U,) ndarray
+        Volumes per distinct timing.
+
+    Returns
+    -------
+    rows : (V',) ndarray of int
+        The voxels that can be fitted: finite ΔM, finite M0 > 0.
+    mean : (V', U) ndarray
+        Mean ΔM/M0 per distinct timing.
+    within : (V',) ndarray
+        The scatter Σ (ΔM/M0 − d̄_i)² of the volumes about their timing's mean.
+    """
+    valid = np.all(np.isfinite(deltam), axis=1) & np.isfinite(m0) & (m0 > 0)
+    rows = np.flatnonzero(valid)
+    y = deltam[rows] / m0[rows, None]
+    # Column sums via a one-hot matrix keep this a single matmul.
+    n_vol = deltam.shape[1]
+    onehot = np.zeros((n_vol, counts.size))
+    onehot[np.arange(n_vol), column] = 1.0
+    mean = (y @ onehot) / counts
+    within = np.sum((y - mean[:, column]) ** 2, axis=1)
+    return rows, mean, within
+
+
+def _start_grid(bounds: tuple[float, float], latest: float, step: float) -> NDArray:
+    """A starting grid (spacing ``step``) over an arrival time, from its lower bound up to
+    (within half a step) its upper bound or ``latest``, the latest time of any delay,
+    whichever comes first: later than that no label has arrived anywhere, so there is no
+    point gridding it."""
+    top = min(bounds[1], latest)
+    return np.arange(bounds[0], top + 0.5 * step, step)
+
+
+@dataclass(frozen=True, eq=False)
+class _FitSetup:
+    """One :func:`fit_multidelay` call reduced to what a fit of it needs.
+
+    Built once and shared by the least-squares and the prior fit of an empirical-Bayes run.
+    Arrays (V',) hold the fittable voxels only (``rows``).
+    """
+
+    problem: _Problem  # their per-timing ΔM/M0 means and the model constants
+    rows: NDArray  # (V',) where the fittable voxels are among all V
+    n_vox: int  # V
+    n_vol: int  # N
+    m0: NDArray  # (V',) M0, to bring the RMSE back to the units of ΔM
+    within: NDArray  # (V',) scatter about the per-timing means: RSS no parameter changes
+    total: NDArray  # (V',) Σ (ΔM/M0)² over all volumes: the RSS of a zero model
+    bounds: NDArray  # (P, 2) (lower, upper) of (cbf, att[, abv, abat])
+    att_grid: NDArray  # starting grid over ATT
+    abat_grid: NDArray | None  # starting grid over aBAT; None: tissue-only fit
+
+    @property
+    def arterial(self) -> bool:
+        """The fit includes the arterial component (aBV, aBAT)."""
+        return self.bounds.shape[0] == 4
+
+    @property
+    def dof(self) -> int:
+        """Residual degrees of freedom N − P."""
+        return self.n_vol - self.bounds.shape[0]
+
+
+def _set_up_fit(
+    deltam: NDArray,
+    m0: NDArray,
+    delay: NDArray,
+    duration: NDArray,
+    bounds: Sequence[tuple[float, float]],
+    *,
+    pulsed: bool,
+    t1b: float,
+    t1p: float,
+    alpha: float,
+    lam: float,
+    sigma: float,
+    delay_offset: ArrayLike | None,
+    att_step: float,
+) -> _FitSetup:
+    """Check the bounds and timings and reduce the data to the problem of the fittable voxels.
+
+    Parameters
+    ----------
+    deltam, m0, delay, duration
+        As returned by :func:`_check_data`.
+    bounds
+        (lower, upper) of (cbf, att) or, for the arterial fit, (cbf, att, abv, abat).
+    pulsed, t1b, t1p, alpha, lam, sigma
+        Model constants, see :class:`_Problem`.
+    delay_offset
+        (V,) extra delay per voxel, or None.
+    att_step
+        Spacing of the starting grids over ATT and aBAT (s).
+
+    Returns
+    -------
+    _FitSetup
+    """
+    box = _check_bounds(bounds)
+    n_vox, n_vol = deltam.shape
+    t, tau, column, counts = _fit_times(
+        delay, duration, pulsed=pulsed, delay_offset=delay_offset, n_vox=n_vox
+    )
+    rows, mean, within = _timing_means(deltam, m0, column, counts)
+    problem = _Problem(
+        mean=mean,
+        counts=counts,
+        t=t if t.ndim == 1 else t[rows],
+        tau=tau,
+        pulsed=pulsed,
+        t1b=t1b,
+        t1p=t1p,
+        alpha=alpha,
+        lam=lam,
+        sigma=sigma,
+    )
+    latest = float(np.max(t))  # over every voxel's offset, fittable or not
+    return _FitSetup(
+        problem=problem,
+        rows=rows,
+        n_vox=n_vox,
+        n_vol=n_vol,
+        m0=m0[rows],
+        within=within,
+        total=within + (mean**2) @ counts,
+        bounds=box,
+        att_grid=_start_grid(bounds[1], latest, att_step),
+        abat_grid=_start_grid(bounds[3], latest, att_step) if len(bounds) == 4 else None,
+    )
+
+
+def _normal_matrix(jac: NDArray, counts: NDArray) -> tuple[NDArray, NDArray]:
+    """JᵀWJ in units of :data:`_SCALES`, W the number of volumes at each distinct timing.
+
+    Parameters
+    ----------
+    jac : (V, U, K) ndarray
+        Jacobian of the model's per-timing means with respect to the first K parameters.
+    counts : (U,) ndarray
+        Volumes per distinct timing.
+
+    Returns
+    -------
+    normal : (V, K, K) ndarray
+        The identity where JᵀWJ is not finite: a placeholder that keeps the batched linear
+        algebra quiet, for voxels the caller flags singular through ``finite``.
+    finite : (V,) ndarray of bool
+    """
+    k = jac.shape[-1]
+    js = jac * _SCALES[:k]
+    normal = (js * counts[:, None]).transpose(0, 2, 1) @ js
+    finite = np.all(np.isfinite(normal), axis=(1, 2))
+    normal[~finite] = np.eye(k)
+    return normal, finite
+
+
+def _covariance_errors(normal: NDArray, singular: NDArray, s2: NDArray) -> NDArray:
+    """Standard errors sqrt(diag(s² A⁻¹)) in the units of the parameters.
+
+    Parameters
+    ----------
+    normal : (V, K, K) ndarray
+        A, in units of :data:`_SCALES` (JᵀWJ, or the posterior precision with a prior).
+    singular : (V,) ndarray of bool
+        Where A is not inverted: the errors are NaN there.
+    s2 : (V,) ndarray
+        Noise variance.
+
+    Returns
+    -------
+    (V, K) ndarray
+    """
+    inverse = _inverse(normal, singular)
+    k = normal.shape[-1]
+    return np.sqrt(np.diagonal(inverse, axis1=1, axis2=2) * s2[:, None]) * _SCALES[:k]
+
+
+def _block_errors(
+    jac: NDArray,
+    counts: NDArray,
+    span: NDArray,
+    *,
+    s2: NDArray,
+    variance: NDArray,
+    prior_weight: NDArray | None,
+) -> tuple[NDArray, NDArray]:
+    """Standard errors (posterior SDs with an ATT prior) of the first K parameters.
+
+    Parameters
+    ----------
+    jac : (V, U, K) ndarray
+        Jacobian at the solution.
+    counts : (U,) ndarray
+        Volumes per distinct timing.
+    span : (K,) ndarray
+        Width of each parameter's bounds.
+    s2 : (V,) ndarray
+        Noise variance that scales the covariance: RSS / (N − P) for least squares, the
+        variance that weighted the prior for a prior fit.
+    variance : (V,) ndarray
+        RSS / (N − P) of the solution, for CBF's conditional error.
+    prior_weight : (V,) ndarray or None
+        s²/σ_p² of the ATT prior (parameter 1), or None for least squares.
+
+    Returns
+    -------
+    se : (V, K) ndarray
+        NaN where the problem is singular, except CBF's error, see below.
+    singular : (V,) ndarray of bool
+        JᵀJ is singular (see :func:`_singular`) or not finite, or an error is wider than its
+        parameter's bounds. Judged on the data alone, also with a prior.
+    """
+    normal, finite = _normal_matrix(jac, counts)
+    singular = _singular(normal) | ~finite
+    se = _covariance_errors(normal, singular, s2)
+    # A parameter that barely moves the model (e.g. ATT when CBF ≈ 0) leaves JᵀJ
+    # well-conditioned after scaling but is undetermined: its error exceeds its bounds.
+    singular |= np.any(se > span, axis=1)
+    if prior_weight is not None:
+        # Posterior SDs, sqrt(diag(s² (JᵀJ + s²/σ_p² e_ATT e_ATTᵀ)⁻¹)): finite even where
+        # the data alone leave ATT undetermined (which stays flagged singular).
+        # The prior cannot fix a zero CBF column, s² = 0, or aBV/aBAT trading against
+        # each other: those posteriors stay singular, their errors NaN.
+        posterior = normal.copy()
+        posterior[:, 1, 1] += prior_weight * _SCALES[1] ** 2
+        se = _covariance_errors(posterior, _singular(posterior) | ~finite, s2)
+    # Where ATT (or aBAT) is undetermined, CBF's error is still defined with the others
+    # held fixed: exact when they do not change the model at all (ATT < shortest PLD).
+    with np.errstate(divide="ignore", invalid="ignore"):  # used only where > 0 below
+        cbf_only = np.sqrt(variance / normal[:, 0, 0]) * _SCALES[0]
+    conditional = np.isnan(se[:, 0]) & (normal[:, 0, 0] > 0)
+    se[:, 0] = np.where(conditional, cbf_only, se[:, 0])
+    return se, singular
+
+
+def _standard_errors(
+    jac: NDArray,
+    counts: NDArray,
+    bounds: NDArray,
+    *,
+    s2: NDArray,
+    variance: NDArray,
+    prior_weight: NDArray | None,
+    no_arterial: NDArray,
+) -> tuple[NDArray, NDArray]:
+    """Standard errors (posterior SDs with an ATT prior) of all parameters of every voxel.
+
+    Parameters
+    ----------
+    jac : (V, U, P) ndarray
+        Jacobian at the solution.
+    counts : (U,) ndarray
+        Volumes per distinct timing.
+    bounds : (P, 2) ndarray
+    s2, variance, prior_weight
+        (V,), see :func:`_block_errors`.
+    no_arterial : (V,) ndarray of bool
+        Voxels of the arterial fit without arterial signal (all False for the tissue fit).
+
+    Returns
+    -------
+    se : (V, P) ndarray
+        From the full model, or from its (CBF, ATT) block where there is no arterial signal:
+        aBV = 0 leaves aBAT moot, and the tissue errors stand (aBV's and aBAT's are NaN).
+    singular : (V,) ndarray of bool
+        See :func:`_block_errors`.
+    """
+    n_fit, _, n_par = jac.shape
+    span = bounds[:, 1] - bounds[:, 0]
+    se = np.full((n_fit, n_par), np.nan)
+    singular = np.zeros(n_fit, dtype=bool)
+    for select, k in ((~no_arterial, n_par), (no_arterial, 2)):
+        if not np.any(select):
+            continue
+        se_block, singular_block = _block_errors(
+            jac[select][:, :, :k],
+            counts,
+            span[:k],
+            s2=s2[select],
+            variance=variance[select],
+            prior_weight=None if prior_weight is None else prior_weight[select],
+        )
+        se[select, :k] = se_block
+        singular[select] = singular_block
+    return se, singular
+
+
+def _on_bounds(params: NDArray, bounds: NDArray) -> tuple[NDArray, NDArray]:
+    """Which parameters (V, P) ended on their lower and on their upper bound: within 10⁻⁶ of
+    the bound range of it (see :func:`fit_multidelay`'s Notes)."""
+    tol = 1e-6 * (bounds[:, 1] - bounds[:, 0])
+    return params <= bounds[:, 0] + tol, params >= bounds[:, 1] - tol
+
+
+def _no_arterial(params: NDArray, bounds: NDArray) -> NDArray:
+    """(V,) bool: voxels whose aBV ended on its lower bound, i.e. no arterial signal was found
+    (all False for a tissue-only fit, whose params have 2 columns)."""
+    if params.shape[1] != 4:
+        return np.zeros(params.shape[0], dtype=bool)
+    return _on_bounds(params, bounds)[0][:, 2]
+
+
+def _nonfinite(params: NDArray, se: NDArray, no_arterial: NDArray) -> NDArray:
+    """(V,) bool: a parameter (V, P) or error (V, P) is not finite, the aBV and aBAT values and
+    errors that are NaN on purpose where there is no arterial signal apart."""
+    checked = np.concatenate([params, se], axis=1)
+    if params.shape[1] == 4:
+        checked[np.ix_(no_arterial, [2, 3, 6, 7])] = 0.0
+    return ~np.all(np.isfinite(checked), axis=1)
+
+
+def _failure_reason(
+    params: NDArray,
+    se: NDArray,
+    bounds: NDArray,
+    *,
+    converged: NDArray,
+    singular: NDArray,
+    no_arterial: NDArray,
+) -> NDArray[np.uint8]:
+    """The ``FitResult.reason`` bits of the fitted voxels.
+
+    Parameters
+    ----------
+    params, se : (V, P) ndarray
+        Solution and its errors.
+    bounds : (P, 2) ndarray
+    converged, singular, no_arterial : (V,) ndarray of bool
+        From :func:`_levenberg_marquardt`, :func:`_standard_errors` and :func:`_no_arterial`.
+
+    Returns
+    -------
+    (V,) ndarray of uint8
+        :data:`FAIL_NOT_CONVERGED`, :data:`FAIL_AT_BOUNDS`, :data:`FAIL_SINGULAR`,
+        :data:`FAIL_NONFINITE` and :data:`NO_ARTERIAL` (never :data:`FAIL_INPUT`).
+    """
+    reason = np.zeros(params.shape[0], dtype=np.uint8)
+    reason[~converged] |= FAIL_NOT_CONVERGED
+    reason[no_arterial] |= NO_ARTERIAL
+    at_lower, at_upper = _on_bounds(params, bounds)
+    if params.shape[1] == 4:
+        at_lower[:, 2] = False  # aBV = 0 is a valid answer, not a failure
+        at_lower[no_arterial, 3] = at_upper[no_arterial, 3] = False  # aBAT is moot there
+    reason[np.any(at_lower | at_upper, axis=1)] |= FAIL_AT_BOUNDS
+    reason[singular] |= FAIL_SINGULAR
+    # A singular voxel's NaN errors are explained by FAIL_SINGULAR already.
+    reason[_nonfinite(params, se, no_arterial) & ~singular] |= FAIL_NONFINITE
+    return reason
+
+
+def _r_squared(mean: NDArray, counts: NDArray, cost: NDArray) -> NDArray:
+    """R² of the delay curve (see ``FitResult.r2``), NaN where all delay means are equal.
+
+    Parameters
+    ----------
+    mean : (V, U) ndarray
+        Per-timing mean ΔM/M0 d̄_i.
+    counts : (U,) ndarray
+        Volumes per timing n_i.
+    cost : (V,) ndarray
+        Σ n_i (d̄_i − m_i)² at the solution (the data's part of the cost, no prior term).
+    """
+    mean_of_means = (mean @ counts) / counts.sum()
+    spread = ((mean - mean_of_means[:, None]) ** 2) @ counts
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(spread > 0, 1.0 - cost / spread, np.nan)
+
+
+def _full_result(
+    setup: _FitSetup,
+    params: NDArray,
+    se: NDArray,
+    *,
+    rss: NDArray,
+    r2: NDArray,
+    reason: NDArray,
+    n_iter: NDArray,
+    prior: tuple[NDArray, NDArray] | None,
+) -> FitResult:
+    """The :class:`FitResult` of all V voxels from the (V',) results of the fitted ones.
+
+    Voxels that were not fitted get NaN, :data:`FAIL_INPUT` and 0 iterations. ``params`` and
+    ``se`` are (V', P), ``prior`` the (V',) (mean, SD) the fit used or None.
+    """
+
+    def full(values: NDArray, fill: float = np.nan) -> NDArray:
+        out = np.full(setup.n_vox, fill, dtype=values.dtype)
+        out[setup.rows] = values
+        return out
+
+    reason = full(reason, FAIL_INPUT)
+    arterial = setup.arterial
+    return FitResult(
+        cbf=full(params[:, 0]),
+        att=full(params[:, 1]),
+        cbf_se=full(se[:, 0]),
+        att_se=full(se[:, 1]),
+        abv=full(params[:, 2]) if arterial else None,
+        abat=full(params[:, 3]) if arterial else None,
+        abv_se=full(se[:, 2]) if arterial else None,
+        abat_se=full(se[:, 3]) if arterial else None,
+        rmse=full(np.sqrt(rss / setup.n_vol) * setup.m0),
+        r2=full(r2),
+        failed=(reason & ~np.uint8(NO_ARTERIAL)) != 0,
+        reason=reason,
+        n_iter=full(n_iter, 0),
+        att_prior=None if prior is None else (full(prior[0]), full(prior[1])),
+    )
+
+
+def _prior_on_rows(
+    prior: tuple[NDArray, NDArray] | None, rows: NDArray
+) -> tuple[NDArray, NDArray] | None:
+    """The (V,) ATT prior (mean, SD) of the fitted voxels ``rows``; raise where it is unusable.
+
+    Only the fitted voxels are checked: the others never use their prior, which a prior
+    computed from the least-squares fit may well leave undefined.
+    """
+    if prior is None:
+        return None
+    mean, sd = prior[0][rows], prior[1][rows]
+    if not (np.all(np.isfinite(mean)) and np.all(sd > 0)):
+        raise ValueError("the ATT prior needs a finite mean and an SD > 0 per voxel")
+    return mean, sd
+
+
+def _solve(
+    setup: _FitSetup,
+    prior: tuple[NDArray, NDArray] | None,
+    noise: NDArray | None = None,
+    *,
+    max_iter: int,
+    xtol: float,
+    ftol: float,
+) -> tuple[FitResult, NDArray]:
+    """One fit of every voxel: grid start, Levenberg-Marquardt, errors and failure flags.
+
+    Parameters
+    ----------
+    setup
+        From :func:`_set_up_fit`.
+    prior
+        (V,) mean and SD of an ATT prior, or None for least squares.
+    noise
+        (V',) noise variance s² that weights the prior: the least-squares fit's for an
+        empirical-Bayes prior; None uses the grid's estimate (see :func:`_grid_start`).
+    max_iter, xtol, ftol
+        Stopping rules of :func:`_levenberg_marquardt`.
+
+    Returns
+    -------
+    result : FitResult
+    variance : (V',) ndarray
+        RSS / (N − P) of the solution: ``noise`` for a prior fit after this one.
+    """
+    prior = _prior_on_rows(prior, setup.rows)
+    problem = setup.problem
+    start, noise_var = _grid_start(
+        problem,
+        setup.att_grid,
+        setup.abat_grid,
+        setup.bounds,
+        total=setup.total,
+        dof=setup.dof,
+        prior=prior,
+    )
+    if noise is not None:
+        noise_var = noise
+    if prior is not None:
+        problem = problem.with_prior(prior, noise_var)
+    params, converged, n_iter, cost, jac = _levenberg_marquardt(
+        problem, start, setup.bounds, max_iter=max_iter, xtol=xtol, ftol=ftol
+    )
+    cost = cost - problem.penalty(params, np.arange(setup.rows.size))  # the data's part
+    rss = cost + setup.within
+    variance = rss / setup.dof
+    no_arterial = _no_arterial(params, setup.bounds)
+    se, singular = _standard_errors(
+        jac,
+        problem.counts,
+        setup.bounds,
+        s2=variance if prior is None else noise_var,
+        variance=variance,
+        prior_weight=problem.prior_weight,
+        no_arterial=no_arterial,
+    )
+    reason = _failure_reason(
+        params, se, setup.bounds, converged=converged, singular=singular, no_arterial=no_arterial
+    )
+    if setup.arterial:
+        params[no_arterial, 2] = 0.0  # not a rounding-level positive value
+        params[no_arterial, 3] = np.nan  # undetermined without arterial signal
+    result = _full_result(
+        setup,
+        params,
+        se,
+        rss=rss,
+        r2=_r_squared(problem.mean, problem.counts, cost),
+        reason=reason,
+        n_iter=n_iter,
+        prior=prior,
+    )
+    return result, variance
+
+
 def fit_multidelay(
     deltam: ArrayLike,
     m0: ArrayLike,
@@ -766,15 +1418,15 @@ def fit_multidelay(
     partition_coefficient: float = 0.9,
     t1_tissue: float | None = None,
     arterial: bool = False,
-    arterial_dispersion: float = 0.1,
+    arterial_dispersion: float = ARTERIAL_DISPERSION,
     delay_offset: ArrayLike | None = None,
-    cbf_bounds: tuple[float, float] = (-100.0, 500.0),
-    att_bounds: tuple[float, float] = (0.0, 5.0),
-    abv_bounds: tuple[float, float] = (0.0, 0.1),
-    abat_bounds: tuple[float, float] = (0.0, 3.0),
-    att_step: float = 0.05,
+    cbf_bounds: tuple[float, float] = CBF_BOUNDS,
+    att_bounds: tuple[float, float] = ATT_BOUNDS,
+    abv_bounds: tuple[float, float] = ABV_BOUNDS,
+    abat_bounds: tuple[float, float] = ABAT_BOUNDS,
+    att_step: float = ATT_STEP,
     att_prior: AttPriorSpec | None = None,
-    max_iter: int = 100,
+    max_iter: int = MAX_ITER,
     xtol: float = 1e-7,
     ftol: float = 1e-12,
 ) -> FitResult:
@@ -876,196 +1528,35 @@ def fit_multidelay(
     macrovascular signal is expected, or compare with the tissue-only fit.
     """
     pulsed = _check_type(asl_type)
-    deltam = np.asarray(deltam, dtype=np.float64)
-    if deltam.ndim != 2:
-        raise ValueError(f"deltam must be (V, N), got shape {deltam.shape}")
-    n_vox, n_vol = deltam.shape
-    m0 = np.broadcast_to(np.asarray(m0, dtype=np.float64), (n_vox,))
-    delay = np.broadcast_to(np.asarray(plds, dtype=np.float64), (n_vol,))
-    duration = np.broadcast_to(np.asarray(labeling_duration, dtype=np.float64), (n_vol,))
-    if np.any(~np.isfinite(delay)) or np.any(delay < 0) or np.any(~(duration > 0)):
-        raise ValueError("plds must be finite and >= 0, labeling_duration > 0")
-    n_par = 4 if arterial else 2
-    if arterial and not arterial_dispersion > 0:
-        raise ValueError("an arterial fit needs arterial_dispersion > 0 (see arterial_signal)")
-    if n_vol <= n_par:
-        raise ValueError(f"{n_vol} volumes cannot determine {n_par} parameters")
+    deltam, m0, delay, duration = _check_data(deltam, m0, plds, labeling_duration)
+    n_par = _n_parameters(deltam.shape[1], arterial, arterial_dispersion)
     if att_prior is not None and not callable(att_prior):
-        att_prior = _as_prior(att_prior, n_vox)
-    bounds = np.array([cbf_bounds, att_bounds, abv_bounds, abat_bounds][:n_par], dtype=float)
-    if np.any(bounds[:, 0] >= bounds[:, 1]):
-        raise ValueError("every lower bound must be below its upper bound")
-
-    uniq_delay, uniq_tau, column, counts = _group_timings(delay, duration)
-    n_uniq = uniq_delay.size
-    if n_uniq < 2:
-        raise ValueError("a multi-delay fit needs at least 2 distinct delays")
-    t = _time(uniq_delay, uniq_tau, pulsed)
-    if delay_offset is not None:
-        offset = np.broadcast_to(np.asarray(delay_offset, dtype=np.float64), (n_vox,))
-        t = t + offset[:, None]
-
-    valid = np.all(np.isfinite(deltam), axis=1) & np.isfinite(m0) & (m0 > 0)
-    rows = np.flatnonzero(valid)
-    y = deltam[rows] / m0[rows, None]
-    # Per-timing means (V, U): column sums via a one-hot matrix keeps this a single matmul.
-    onehot = np.zeros((n_vol, n_uniq))
-    onehot[np.arange(n_vol), column] = 1.0
-    mean = (y @ onehot) / counts
-    within = np.sum((y - mean[:, column]) ** 2, axis=1)
-
-    problem = _Problem(
-        mean=mean,
-        counts=counts,
-        t=t if t.ndim == 1 else t[rows],
-        tau=uniq_tau,
+        att_prior = _as_prior(att_prior, deltam.shape[0])
+    setup = _set_up_fit(
+        deltam,
+        m0,
+        delay,
+        duration,
+        [cbf_bounds, att_bounds, abv_bounds, abat_bounds][:n_par],
         pulsed=pulsed,
         t1b=t1_blood,
         t1p=t1_blood if t1_tissue is None else t1_tissue,
         alpha=labeling_efficiency,
         lam=partition_coefficient,
         sigma=arterial_dispersion,
+        delay_offset=delay_offset,
+        att_step=att_step,
     )
-    # Beyond the latest time of any delay no label has arrived anywhere: no point gridding it.
-    att_top = min(att_bounds[1], float(np.max(t)))
-    att_grid = np.arange(att_bounds[0], att_top + 0.5 * att_step, att_step)
-    abat_grid = None
-    if arterial:
-        abat_top = min(abat_bounds[1], float(np.max(t)))
-        abat_grid = np.arange(abat_bounds[0], abat_top + 0.5 * att_step, att_step)
-    dof = n_vol - n_par
-    total = within + (mean**2) @ counts
-
-    def solve(
-        prior: tuple[NDArray, NDArray] | None, noise: NDArray | None = None
-    ) -> tuple[FitResult, NDArray]:
-        """Grid start, LM and the per-voxel figures, with or without an ATT prior ((V,) mean
-        and SD); also the residual variance RSS / (N − P) of the solution. The prior's s² is
-        ``noise`` if given (the least-squares fit's), else the grid's estimate."""
-        if prior is not None:
-            prior = (prior[0][rows], prior[1][rows])
-            if not (np.all(np.isfinite(prior[0])) and np.all(prior[1] > 0)):
-                raise ValueError("the ATT prior needs a finite mean and an SD > 0 per voxel")
-        start, noise_var = _grid_start(
-            problem, att_grid, abat_grid, bounds, total=total, dof=dof, prior=prior
-        )
-        if noise is not None:
-            noise_var = noise
-        fit_problem = problem
-        if prior is not None:
-            fit_problem = replace(
-                problem, prior_mean=prior[0], prior_weight=noise_var / prior[1] ** 2
-            )
-        params, converged, n_iter, cost, jac = _levenberg_marquardt(
-            fit_problem, start, bounds, max_iter=max_iter, xtol=xtol, ftol=ftol
-        )
-
-        # Goodness of fit and uncertainty at the solution.
-        cost = cost - fit_problem.penalty(params, np.arange(rows.size))  # the data's part
-        rss = cost + within
-        reason = np.zeros(rows.size, dtype=np.uint8)
-        reason[~converged] |= FAIL_NOT_CONVERGED
-        span = bounds[:, 1] - bounds[:, 0]
-        tol = 1e-6 * span
-        at_lower = params <= bounds[:, 0] + tol
-        at_upper = params >= bounds[:, 1] - tol
-        if arterial:
-            no_arterial = at_lower[:, 2].copy()
-            reason[no_arterial] |= NO_ARTERIAL
-            at_lower[:, 2] = False  # aBV = 0 is a valid answer, not a failure
-            at_lower[no_arterial, 3] = at_upper[no_arterial, 3] = False  # aBAT is moot there
-        reason[np.any(at_lower | at_upper, axis=1)] |= FAIL_AT_BOUNDS
-
-        se = np.full(params.shape, np.nan)
-        # Errors from the full model, or from the (CBF, ATT) block where aBV/aBAT are moot.
-        blocks = [(np.ones(rows.size, dtype=bool), n_par)]
-        if arterial:
-            blocks = [(~no_arterial, 4), (no_arterial, 2)]
-        for select, k in blocks:
-            if not np.any(select):
-                continue
-            js = jac[select][:, :, :k] * _SCALES[:k]
-            normal = (js * counts[:, None]).transpose(0, 2, 1) @ js
-            finite = np.all(np.isfinite(normal), axis=(1, 2))
-            normal[~finite] = np.eye(k)  # placeholder, flagged singular below
-            singular = _singular(normal) | ~finite
-            s2 = rss[select] / dof if prior is None else noise_var[select]
-            inverse = _inverse(normal, singular)
-            se_block = np.sqrt(np.diagonal(inverse, axis1=1, axis2=2) * s2[:, None]) * _SCALES[:k]
-            # A parameter that barely moves the model (e.g. ATT when CBF ≈ 0) leaves JᵀJ
-            # well-conditioned after scaling but is undetermined: its error exceeds its bounds.
-            singular |= np.any(se_block > span[:k], axis=1)
-            if prior is not None:
-                # Posterior SDs, sqrt(diag(s² (JᵀJ + s²/σ_p² e_ATT e_ATTᵀ)⁻¹)): finite even where
-                # the data alone leave ATT undetermined (which stays flagged singular).
-                # The prior cannot fix a zero CBF column, s² = 0, or aBV/aBAT trading against
-                # each other: those posteriors stay singular, their errors NaN.
-                posterior = normal.copy()
-                posterior[:, 1, 1] += fit_problem.prior_weight[select] * _SCALES[1] ** 2
-                inverse = _inverse(posterior, _singular(posterior) | ~finite)
-                se_block = np.sqrt(np.diagonal(inverse, axis1=1, axis2=2) * s2[:, None])
-                se_block = se_block * _SCALES[:k]
-            target = np.flatnonzero(select)
-            # Where ATT (or aBAT) is undetermined, CBF's error is still defined with the others
-            # held fixed: exact when they do not change the model at all (ATT < shortest PLD).
-            with np.errstate(divide="ignore", invalid="ignore"):  # used only where > 0 below
-                cbf_only = np.sqrt(rss[select] / dof / normal[:, 0, 0]) * _SCALES[0]
-            conditional = np.isnan(se_block[:, 0]) & (normal[:, 0, 0] > 0)
-            se_block[:, 0] = np.where(conditional, cbf_only, se_block[:, 0])
-            se[target, :k] = se_block
-            reason[target[singular]] |= FAIL_SINGULAR
-        if arterial:
-            params[no_arterial, 2] = 0.0  # not a rounding-level positive value
-            params[no_arterial, 3] = np.nan
-        checked = np.concatenate([params, se], axis=1)
-        if arterial:
-            # aBAT and the arterial errors are NaN on purpose where there is no arterial signal.
-            checked[np.ix_(no_arterial, [2, 3, 6, 7])] = 0.0
-        nonfinite = ~np.all(np.isfinite(checked), axis=1)
-        reason[nonfinite & ((reason & FAIL_SINGULAR) == 0)] |= FAIL_NONFINITE
-
-        mean_of_means = (mean @ counts) / counts.sum()
-        spread = ((mean - mean_of_means[:, None]) ** 2) @ counts
-        with np.errstate(invalid="ignore", divide="ignore"):
-            r2 = np.where(spread > 0, 1.0 - cost / spread, np.nan)
-
-        def full(values: NDArray, fill: float = np.nan) -> NDArray:
-            out = np.full(n_vox, fill, dtype=values.dtype)
-            out[rows] = values
-            return out
-
-        all_reason = np.full(n_vox, FAIL_INPUT, dtype=np.uint8)
-        all_reason[rows] = reason
-        failed = (all_reason & ~np.uint8(NO_ARTERIAL)) != 0
-        rmse = full(np.sqrt(rss / n_vol) * m0[rows])
-        n_iter_all = np.zeros(n_vox, dtype=np.int32)
-        n_iter_all[rows] = n_iter
-        return FitResult(
-            cbf=full(params[:, 0]),
-            att=full(params[:, 1]),
-            cbf_se=full(se[:, 0]),
-            att_se=full(se[:, 1]),
-            abv=full(params[:, 2]) if arterial else None,
-            abat=full(params[:, 3]) if arterial else None,
-            abv_se=full(se[:, 2]) if arterial else None,
-            abat_se=full(se[:, 3]) if arterial else None,
-            rmse=rmse,
-            r2=full(r2),
-            failed=failed,
-            reason=all_reason,
-            n_iter=n_iter_all,
-            att_prior=None if prior is None else (full(prior[0]), full(prior[1])),
-        ), rss / dof
-
+    solver = {"max_iter": max_iter, "xtol": xtol, "ftol": ftol}
     if not callable(att_prior):
-        return solve(att_prior)[0]
+        return _solve(setup, att_prior, **solver)[0]
     # Empirical Bayes: least squares first, the prior from its ATTs, then the fit with it
     # (with the least-squares residual variance: exact, where the grid's is an upper bound).
-    least_squares, noise = solve(None)
+    least_squares, noise = _solve(setup, None, **solver)
     prior = att_prior(least_squares)
     if prior is None:
         return least_squares
-    return solve(_as_prior(prior, n_vox), noise)[0]
+    return _solve(setup, _as_prior(prior, setup.n_vox), noise, **solver)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1371,7 +1862,7 @@ def local_att_prior(
     volume[mask] = np.asarray(att, dtype=np.float64)
     have = (mask & np.isfinite(volume)).astype(np.float64)
     values = np.where(have > 0, volume, 0.0)
-    sigma = fwhm_mm / SIGMA_TO_FWHM / np.asarray(zooms, dtype=np.float64)
+    sigma = voxel_sigma(fwhm_mm, zooms)
 
     def smooth(image: NDArray) -> NDArray:
         return ndimage.gaussian_filter(image, sigma, mode="constant")
@@ -1393,7 +1884,7 @@ def local_att_prior(
 ATT_MARGIN = 0.5
 
 
-def att_upper_bound(delays: ArrayLike, asl_type: str, ceiling: float = 5.0) -> float:
+def att_upper_bound(delays: ArrayLike, asl_type: str, ceiling: float = ATT_BOUNDS[1]) -> float:
     """Largest ATT (s) a multi-delay design can tell apart from CBF.
 
     Past the longest delay (PLD for (P)CASL, TI for PASL) only a sliver of the bolus has

@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from nibabel.processing import fwhm2sigma
 from numpy.typing import NDArray
 from scipy import ndimage
 
-#: FWHM = SIGMA_TO_FWHM * sigma for a Gaussian
-SIGMA_TO_FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
+
+def voxel_sigma(fwhm_mm: float, zooms: Sequence[float]) -> NDArray[np.float64]:
+    """Gaussian sigma in voxels along each axis for a kernel of ``fwhm_mm`` FWHM."""
+    return fwhm2sigma(fwhm_mm) / np.asarray(zooms, dtype=np.float64)
 
 
 def tr_correction_factor(
@@ -56,7 +59,7 @@ def brain_mask(image: NDArray, zooms: Sequence[float]) -> NDArray[np.bool_]:
     brain mask in practice; anatomy-based masks come with the anatomical workflow.
     """
     image = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    sigma = 3.0 / SIGMA_TO_FWHM / np.asarray(zooms, dtype=np.float64)
+    sigma = voxel_sigma(3.0, zooms)
     smooth = ndimage.gaussian_filter(image, sigma, mode="nearest")
     if not np.ptp(smooth) > 0:
         return np.zeros(image.shape, dtype=bool)
@@ -83,7 +86,7 @@ def smooth_within_mask(
     mask = np.asarray(mask, dtype=bool)
     if fwhm_mm <= 0:
         return np.where(mask, image, 0.0)
-    sigma = fwhm_mm / SIGMA_TO_FWHM / np.asarray(zooms, dtype=np.float64)
+    sigma = voxel_sigma(fwhm_mm, zooms)
     weights = ndimage.gaussian_filter(mask.astype(np.float64), sigma, mode="constant")
     smoothed = ndimage.gaussian_filter(np.where(mask, image, 0.0), sigma, mode="constant")
     out = np.zeros_like(image)
