@@ -1,4 +1,14 @@
-"""The one settings object of a run, built from the command line and checked once."""
+"""Options of a run, defined once in typed sections and checked once.
+
+Three sections, as fMRIPrep's config has them:
+
+- :class:`ExecutionOptions`: what to read, where to work, how nipype schedules, how loud;
+- :class:`QuantificationOptions`: every choice that changes the numbers; each field carries
+  its sidecar name, so :meth:`QuantificationOptions.sidecar_record` writes them all from here;
+- :class:`OutputOptions`: where and (next) in which spaces the derivatives are written.
+
+The command-line parser takes its defaults from these classes.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,38 +27,72 @@ from aslprep_lite.errors import AslprepError
 RANDOM_SEED = 20240
 
 
+def _option(default: Any, sidecar: str | None = None, *, multidelay_only: bool = False):
+    """A quantification option with its sidecar name (None: not recorded as a parameter)."""
+    return field(default=default, metadata={"sidecar": sidecar, "multidelay": multidelay_only})
+
+
 @dataclass(frozen=True)
-class Settings:
-    """Validated settings for one invocation of aslprep-lite."""
+class ExecutionOptions:
+    """What to process, where to work and how nipype runs it."""
 
     bids_dir: Path
-    output_dir: Path
-    analysis_level: str = "participant"
     work_dir: Path = field(default_factory=lambda: Path("work"))
+    analysis_level: str = "participant"
     participant_label: tuple[str, ...] = ()
     session_label: tuple[str, ...] = ()
     bids_filters: dict[str, Any] = field(default_factory=dict)
     nprocs: int = 1
     omp_nthreads: int = 1
     mem_gb: float | None = None
-    m0_scale: float = 1.0
-    smooth_kernel: float = 5.0
-    dummy_scans: int = 0
-    att_method: str = "fit"
-    att_prior: str = "local"
-    arterial_component: bool = False
-    m0_calibration: str = "voxel"
-    m0_reference_mask: str | None = None
     dry_run: bool = False
     stop_on_first_crash: bool = False
     plugin: str | None = None
     plugin_args: dict[str, Any] = field(default_factory=dict)
     verbosity: int = 0
-    seed: int = RANDOM_SEED
 
-    def as_json(self) -> dict[str, Any]:
-        """The settings as JSON-friendly values (paths as strings)."""
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+@dataclass(frozen=True)
+class QuantificationOptions:
+    """Every option that changes the numbers, with the name it is recorded under."""
+
+    m0_scale: float = _option(1.0, "M0Scale")
+    smooth_kernel: float = _option(5.0, "M0SmoothingFWHM")
+    dummy_scans: int = _option(0, "DummyScans")
+    att_method: str = _option("fit", "ATTMethod", multidelay_only=True)
+    att_prior: str = _option("local", "ATTPrior", multidelay_only=True)
+    arterial_component: bool = _option(False, "ArterialComponent", multidelay_only=True)
+    m0_calibration: str = _option("voxel", "M0Calibration")
+    m0_reference_mask: str | None = _option(None)  # a file: recorded among the Sources
+    seed: int = _option(RANDOM_SEED, "RandomSeed")
+
+    def sidecar_record(self, *, multidelay: bool) -> dict[str, Any]:
+        """``ProcessingParameters`` of a run's sidecars: the options in force for it.
+
+        Options that only act on multi-delay fits are left out of single-delay runs, whose
+        numbers they cannot change.
+        """
+        return {
+            f.metadata["sidecar"]: getattr(self, f.name)
+            for f in fields(self)
+            if f.metadata["sidecar"] and (multidelay or not f.metadata["multidelay"])
+        }
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where the derivatives go."""
+
+    output_dir: Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated options for one invocation of aslprep-lite, by section."""
+
+    execution: ExecutionOptions
+    quantification: QuantificationOptions
+    outputs: OutputOptions
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -145,29 +189,33 @@ def build_settings(options: Any) -> Settings:
     nprocs = options.nprocs or os.cpu_count() or 1
     omp = min(options.omp_nthreads or nprocs, nprocs)
     return Settings(
-        bids_dir=bids_dir,
-        output_dir=output_dir,
-        analysis_level=options.analysis_level,
-        work_dir=work_dir,
-        participant_label=tuple(options.participant_label or ()),
-        session_label=tuple(options.session_label or ()),
-        bids_filters=filters,
-        nprocs=nprocs,
-        omp_nthreads=omp,
-        mem_gb=options.mem_gb,
-        m0_scale=options.m0_scale,
-        smooth_kernel=options.smooth_kernel,
-        dummy_scans=options.dummy_scans,
-        att_method=options.att_method,
-        att_prior=options.att_prior,
-        arterial_component=options.arterial_component,
-        m0_calibration=options.m0_calibration,
-        m0_reference_mask=reference_mask,
-        dry_run=options.dry_run,
-        stop_on_first_crash=options.stop_on_first_crash,
-        plugin=plugin,
-        plugin_args=plugin_args,
-        verbosity=options.verbose - options.quiet,
+        execution=ExecutionOptions(
+            bids_dir=bids_dir,
+            work_dir=work_dir,
+            analysis_level=options.analysis_level,
+            participant_label=tuple(options.participant_label or ()),
+            session_label=tuple(options.session_label or ()),
+            bids_filters=filters,
+            nprocs=nprocs,
+            omp_nthreads=omp,
+            mem_gb=options.mem_gb,
+            dry_run=options.dry_run,
+            stop_on_first_crash=options.stop_on_first_crash,
+            plugin=plugin,
+            plugin_args=plugin_args,
+            verbosity=options.verbose - options.quiet,
+        ),
+        quantification=QuantificationOptions(
+            m0_scale=options.m0_scale,
+            smooth_kernel=options.smooth_kernel,
+            dummy_scans=options.dummy_scans,
+            att_method=options.att_method,
+            att_prior=options.att_prior,
+            arterial_component=options.arterial_component,
+            m0_calibration=options.m0_calibration,
+            m0_reference_mask=reference_mask,
+        ),
+        outputs=OutputOptions(output_dir=output_dir),
     )
 
 

@@ -1,4 +1,4 @@
-"""NIfTI and JSON I/O shared by the interfaces: clear errors in, atomic files out."""
+"""Image I/O shared by the interfaces: NIfTI read with clear errors, files written atomically."""
 
 from __future__ import annotations
 
@@ -80,3 +80,22 @@ def write_atomic_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_signal(data: np.ndarray, path: str, what: str) -> None:
+    """An image to calibrate or register with needs finite values and some positive signal."""
+    if not np.isfinite(data).all():
+        raise AslprepError(f"{what} contains NaN or infinite values: re-export it", path=path)
+    if not float(data.max()) > 0:
+        raise AslprepError(
+            f"{what} has no positive signal (all zeros?): check the file", path=path
+        )
+
+
+def load_volume(path: str, what: str) -> tuple[np.ndarray, nb.Nifti1Image]:
+    """A 3D image (of a 4D one, the mean of its volumes), checked by :func:`check_signal`."""
+    data, img = load_image(path, what=what)
+    if data.ndim == 4:
+        data = data.mean(axis=3)
+    check_signal(data, path, what)
+    return data, img

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 from helpers import edit_sidecar
 
-from aslprep_lite.bids import discover, read_aslcontext
+from aslprep_lite.bids.derivatives import planned_paths
+from aslprep_lite.bids.discovery import discover
+from aslprep_lite.bids.files import read_aslcontext
+from aslprep_lite.config import QuantificationOptions
 from aslprep_lite.errors import AslprepError
 from aslprep_lite.synthetic import SyntheticSpec, write_dataset
 
@@ -22,7 +25,7 @@ def _dataset(tmp_path: Path, **spec) -> tuple[Path, Path]:
 
 def _only_failure(root: Path) -> str:
     result = discover(root)
-    assert not result.plans
+    assert not result.runs
     assert len(result.failures) == 1
     message = result.failures[0][1]
     assert "\n" not in message
@@ -33,7 +36,7 @@ def test_plan_of_a_valid_run(tmp_path):
     root, _ = _dataset(tmp_path)
     result = discover(root)
     assert not result.failures
-    (plan,) = result.plans
+    (plan,) = result.runs
     assert plan.asl_type == "PCASL"
     assert plan.volume_counts == {"control": 2, "label": 2}
     assert plan.labeled_value("post_labeling_delay") == 1.8
@@ -58,7 +61,7 @@ def test_intended_for_forms(tmp_path, intended_for):
     for ext in (".nii.gz", ".json"):
         (perf / f"sub-01_m0scan{ext}").rename(perf / f"sub-01_acq-m0_m0scan{ext}")
     edit_sidecar(perf / "sub-01_acq-m0_m0scan.json", IntendedFor=intended_for)
-    (plan,) = discover(root).plans
+    (plan,) = discover(root).runs
     assert plan.m0_file.endswith("sub-01_acq-m0_m0scan.nii.gz")
 
 
@@ -163,7 +166,7 @@ def test_dataset_level_errors(tmp_path):
     root, _ = _dataset(tmp_path)
     with pytest.raises(AslprepError, match="02 not found"):
         discover(root, participant_label=["sub-02"])
-    (plan,) = discover(root, participant_label=["sub-01"]).plans
+    (plan,) = discover(root, participant_label=["sub-01"]).runs
     assert plan.subject == "01"
 
 
@@ -176,7 +179,7 @@ def test_malformed_json_names_the_file(tmp_path):
 
 def test_dummy_scans_drop_a_pair(tmp_path):
     root, _ = _dataset(tmp_path)
-    (plan,) = discover(root, dummy_scans=2).plans
+    (plan,) = discover(root, dummy_scans=2).runs
     assert plan.volume_counts == {"control": 1, "label": 1}
     assert len(plan.post_labeling_delay) == 2
     assert "after dropping 1 dummy scans" in discover(root, dummy_scans=1).failures[0][1]
@@ -190,10 +193,10 @@ def test_bids_examples_single_delay_plans(bids_examples):
     for name in ("asl001", "asl002", "asl005"):
         result = discover(bids_examples / name, check_images=False)
         assert not result.failures, result.failures
-        (plans[name],) = result.plans
+        (plans[name],) = result.runs
     # GE deltam-only with an included M0: no registration possible
     assert plans["asl001"].volume_counts == {"m0scan": 1, "deltam": 1}
-    assert plans["asl001"].hmc_note.startswith("skipped")
+    assert plans["asl001"].hmc_summary.startswith("skipped")
     assert plans["asl001"].bs_pulses == 4
     # Philips 2D EPI: per-slice PLD, control first, separate M0 with TR 9 s
     assert plans["asl002"].slice_timing and len(plans["asl002"].slice_timing) == 20
@@ -206,7 +209,7 @@ def test_bids_examples_single_delay_plans(bids_examples):
 def _single_plan(path: Path):
     result = discover(path, check_images=False)
     assert not result.failures, result.failures
-    (plan,) = result.plans
+    (plan,) = result.runs
     return plan
 
 
@@ -216,11 +219,11 @@ def test_bids_examples_multi_delay_plans(bids_examples):
     pasl = plans["asl003"]
     assert pasl.is_multidelay and len(pasl.delays) == 10
     assert pasl.bolus_cutoff_technique == "Q2TIPS" and pasl.bolus_cutoff_delay == [0.7, 1.6]
-    assert pasl.model.startswith("multi-TI PASL")
+    assert pasl.model(QuantificationOptions()).startswith("multi-TI PASL")
     # 6 PLDs with 16 volumes each; the reverse-PE m0scan under fmap/ is not the M0
     pcasl = plans["asl004"]
     assert pcasl.delays == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
-    assert set(pcasl.summary()["volumes_per_delay"].values()) == {16}
+    assert set(pcasl.volumes_per_delay.values()) == {16}
     assert pcasl.labeling_efficiency == 0.88
     assert "/perf/" in pcasl.m0_file and "dir-pa" not in pcasl.m0_file
 
@@ -228,7 +231,7 @@ def test_bids_examples_multi_delay_plans(bids_examples):
 def test_bids_examples_hcp_aging_plan(hcp_aging_example):
     # HCP-Aging: 5 PLDs with unequal repeats, noRF and m0scan volumes inside the series
     hcp = _single_plan(hcp_aging_example)
-    assert hcp.summary()["volumes_per_delay"] == {
+    assert hcp.volumes_per_delay == {
         "0.2": 12,
         "0.7": 12,
         "1.2": 12,
@@ -238,7 +241,9 @@ def test_bids_examples_hcp_aging_plan(hcp_aging_example):
     assert hcp.volume_counts == {"label": 43, "control": 43, "noRF": 2, "m0scan": 2}
     assert hcp.m0_type == "Included" and hcp.m0_repetition_time == 8.0
     assert hcp.slice_timing and len(hcp.slice_timing) == 60
-    assert any(suffix.endswith("_att.nii.gz") for suffix in hcp.outputs())
+    assert any(
+        suffix.endswith("_att.nii.gz") for suffix in planned_paths(hcp, QuantificationOptions())
+    )
 
 
 def test_bids_examples_images_are_placeholders(bids_examples):
@@ -251,8 +256,8 @@ def test_bids_examples_images_are_placeholders(bids_examples):
 def test_negative_slice_encoding_direction_reverses_slice_timing(tmp_path):
     root, sidecar = _dataset(tmp_path, slice_timing=True)
     timing = json.loads(sidecar.read_text())["SliceTiming"]
-    (plan,) = discover(root).plans
+    (plan,) = discover(root).runs
     assert plan.slice_timing == timing  # "k" (the default): array order
     edit_sidecar(sidecar, SliceEncodingDirection="k-")
-    (plan,) = discover(root).plans
+    (plan,) = discover(root).runs
     assert plan.slice_timing == timing[::-1]  # first entry = slice with the largest index

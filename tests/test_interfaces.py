@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from nipype.interfaces.base import isdefined
 
-from aslprep_lite.interfaces.m0 import _included_m0
+from aslprep_lite.interfaces.m0 import included_m0
 
 
 def test_included_m0_volumes_with_different_trs():
@@ -12,18 +13,13 @@ def test_included_m0_volumes_with_different_trs():
     m0 = np.full((2, 2, 2), 1000.0)
     recovered_at_2s = 1.0 - np.exp(-2.0 / 1.607)  # grey-matter T1 at 3 T: 0.71203
     series = np.stack([m0 * recovered_at_2s, m0, np.zeros_like(m0)], axis=3)
-    plan = {
-        "context": ["m0scan", "m0scan", "control"],
-        "repetition_time": [2.0, 8.0, 4.0],
-        "field_strength": 3.0,
-    }
-    mean, trs = _included_m0(series, plan)
+    context = ["m0scan", "m0scan", "control"]
+    mean, trs = included_m0(series, context, [2.0, 8.0, 4.0], 3.0)
     assert trs == [2.0, 8.0]
     # TR 8 s is fully relaxed (>= 5 s): both volumes become 1000, not (712 + 1000) / 2
     np.testing.assert_allclose(mean, 1000.0, rtol=1e-12)
     # equal TRs: a plain mean, left for the shared correction of that TR
-    plan["repetition_time"] = [4.0, 4.0, 4.0]
-    mean, _ = _included_m0(np.stack([m0, m0 * 0.5, m0], axis=3), plan)
+    mean, _ = included_m0(np.stack([m0, m0 * 0.5, m0], axis=3), context, [4.0] * 3, 3.0)
     np.testing.assert_allclose(mean, 750.0)
 
 
@@ -31,11 +27,14 @@ def _kinetic_node_run(tmp_path, truth, m0_scale=1.0, **options):
     """Run FitKineticModel on the raw synthetic series (no motion) with these options."""
     import nibabel as nb
 
-    from aslprep_lite.bids import ProcessingOptions, discover
+    from aslprep_lite.bids.discovery import discover
+    from aslprep_lite.config import QuantificationOptions
     from aslprep_lite.interfaces.cbf import ComputeDeltaM
     from aslprep_lite.interfaces.kinetic import FitKineticModel
+    from aslprep_lite.quant.constants import quantification_record
 
-    (plan,) = discover(tmp_path / "bids", options=ProcessingOptions(**options)).plans
+    (run,) = discover(tmp_path / "bids").runs
+    settings = QuantificationOptions(**options)
     name = "_".join(f"{k}-{v}" for k, v in options.items()) or "default"
     work = tmp_path / f"{name}_m0x{m0_scale:g}"
     work.mkdir()
@@ -43,10 +42,25 @@ def _kinetic_node_run(tmp_path, truth, m0_scale=1.0, **options):
     nb.save(nb.Nifti1Image(truth.brain_mask.astype(np.uint8), truth.affine), mask_file)
     m0_file = work / "m0.nii.gz"
     nb.save(nb.Nifti1Image((truth.m0 * m0_scale).astype(np.float32), truth.affine), m0_file)
-    deltam = ComputeDeltaM(plan=plan.as_dict(), in_file=str(truth.asl_file))
+    deltam = ComputeDeltaM(context=run.context, in_file=str(truth.asl_file))
     deltam = deltam.run(cwd=str(work)).outputs.out_file
     node = FitKineticModel(
-        plan=plan.as_dict(), deltam_file=deltam, m0_file=str(m0_file), mask_file=str(mask_file)
+        deltam_file=deltam,
+        m0_file=str(m0_file),
+        mask_file=str(mask_file),
+        context=run.context,
+        asl_type=run.asl_type,
+        post_labeling_delay=run.post_labeling_delay,
+        labeling_duration=run.labeling_duration,
+        quantification=quantification_record(
+            field_strength=run.field_strength,
+            asl_type=run.asl_type,
+            labeling_efficiency_given=run.labeling_efficiency,
+            background_suppression=run.background_suppression,
+            bs_pulses=run.bs_pulses,
+        ),
+        att_method=settings.att_method,
+        att_prior=settings.att_prior,
     )
     outputs = node.run(cwd=str(work)).outputs
     cbf = nb.load(outputs.mean_file).get_fdata()[truth.brain_mask]
@@ -70,11 +84,11 @@ def test_kinetic_node_att_prior_and_methods(tmp_path):
     assert prior["NeighbourhoodFWHM"] == 8.0 and prior["MinimumSD"] == 0.1
     assert 0.9 < prior["MedianMean"] < 1.6  # GM 1.2 s, WM 1.6 s
     assert prior["MedianSD"] >= 0.1
-    assert "posterior SD" in local.maps_metadata["desc-stderr_att.nii.gz"]["Description"]
+    assert "posterior SD" in local.maps_metadata["att_stderr"]["Description"]
     assert none.metadata["FitSettings"]["ATTPrior"] == "none"
-    assert "posterior" not in none.maps_metadata["desc-stderr_att.nii.gz"]["Description"]
+    assert "att_stderr" not in none.maps_metadata  # the spec's description stands
     assert "ATTPrior" not in wd.metadata["FitSettings"]
-    assert "desc-stderr_att.nii.gz" not in wd.maps
+    assert not isdefined(wd.att_stderr)
     # The prior changes the estimates (same data, same node otherwise)
     assert not np.array_equal(cbf_local, cbf_none)
     assert np.median(np.abs(cbf_local - cbf_none)) < 0.1 * np.median(np.abs(cbf_none))
@@ -84,3 +98,84 @@ def test_kinetic_node_att_prior_and_methods(tmp_path):
     scaled, _ = _kinetic_node_run(tmp_path, truth, m0_scale=0.01)
     (warning,) = scaled.metadata["QualityWarnings"]
     assert "M0 scaling" in warning
+
+
+def _blob(shape=(24, 24, 20)) -> np.ndarray:
+    """A smooth, asymmetric head-like volume."""
+    grid = np.indices(shape, dtype=np.float64)
+    centre = np.array([11.0, 12.5, 9.0])[:, None, None, None]
+    radii = np.array([8.0, 6.0, 5.0])[:, None, None, None]
+    head = np.exp(-(((grid - centre) / radii) ** 2).sum(axis=0))
+    spot = np.exp(-(((grid - np.array([15.0, 9.0, 11.0])[:, None, None, None]) / 2.5) ** 2).sum(0))
+    return (1000 * head + 400 * spot).astype(np.float32)
+
+
+def test_rigid_registration_node_recovers_a_shift(tmp_path):
+    """The generic node returns the fixed-to-moving world matrix: a 2 mm / -1.5 mm shift."""
+    import nibabel as nb
+
+    from aslprep_lite.interfaces.registration import RigidRegistration
+
+    affine = np.diag([2.0, 2.0, 2.5, 1.0])
+    shifted = affine.copy()
+    shifted[:3, 3] = [2.0, -1.5, 0.0]  # the same data, 2 mm right and 1.5 mm back in the world
+    nb.save(nb.Nifti1Image(_blob(), affine), tmp_path / "fixed.nii.gz")
+    volumes = np.stack([_blob(), _blob()], axis=3)  # 4D: registered through its mean
+    nb.save(nb.Nifti1Image(volumes, shifted), tmp_path / "moving.nii.gz")
+    node = RigidRegistration(
+        fixed_file=str(tmp_path / "fixed.nii.gz"),
+        moving_file=str(tmp_path / "moving.nii.gz"),
+        metric="correlation",
+        seed=1,
+    )
+    matrix = np.load(node.run(cwd=str(tmp_path)).outputs.matrix_file)
+    np.testing.assert_allclose(matrix[:3, 3], [2.0, -1.5, 0.0], atol=0.1)
+    np.testing.assert_allclose(matrix[:3, :3], np.eye(3), atol=0.01)
+
+
+def test_rigid_registration_node_refuses_an_empty_image(tmp_path):
+    import nibabel as nb
+    import pytest
+
+    from aslprep_lite.errors import AslprepError
+    from aslprep_lite.interfaces.registration import RigidRegistration
+
+    affine = np.diag([2.0, 2.0, 2.5, 1.0])
+    nb.save(nb.Nifti1Image(_blob(), affine), tmp_path / "fixed.nii.gz")
+    nb.save(nb.Nifti1Image(np.zeros((24, 24, 20), np.float32), affine), tmp_path / "m0.nii.gz")
+    node = RigidRegistration(
+        fixed_file=str(tmp_path / "fixed.nii.gz"),
+        moving_file=str(tmp_path / "m0.nii.gz"),
+        moving_name="M0",
+        seed=1,
+    )
+    with pytest.raises(AslprepError, match=r"m0.nii.gz: M0 has no positive signal"):
+        node.run(cwd=str(tmp_path))
+
+
+def test_sidecars_composed_from_the_output_spec():
+    from aslprep_lite.bids.derivatives import BY_KEY, compose_sidecar
+
+    records = {
+        "quantification": {"Model": "m", "Description": "fitted"},
+        "m0": {"BrainMask": "Otsu", "ReferenceRegion": {"Tissue": "csf"}},
+        "confounds": {"framewise_displacement": {"Units": "mm"}},
+        "maps": {"cbf_longestdelay": {"Description": "longest delay 2 s"}},
+    }
+    provenance = {"Sources": ["bids:raw:x"], "ProcessingParameters": {"M0Scale": 1.0}}
+    cbf = compose_sidecar(BY_KEY["cbf"], records, provenance)
+    # the node's Description (a multi-delay fit) wins over the spec's; the M0 record nests
+    assert cbf["Units"] == "mL/100 g/min" and cbf["Description"] == "fitted"
+    assert cbf["M0"] == records["m0"] and cbf["Sources"] == ["bids:raw:x"]
+    assert compose_sidecar(BY_KEY["mask"], records, provenance)["Description"] == "Otsu"
+    assert "Units" not in compose_sidecar(BY_KEY["mask"], records, provenance)
+    reference = compose_sidecar(BY_KEY["m0_reference_mask"], records, provenance)
+    assert reference["Type"] == "CSF"
+    longest = compose_sidecar(BY_KEY["cbf_longestdelay"], records, provenance)
+    assert longest == {
+        "Units": "mL/100 g/min",
+        "Description": "longest delay 2 s",
+        **provenance,
+    }
+    confounds = compose_sidecar(BY_KEY["confounds"], records, provenance)
+    assert confounds["framewise_displacement"] == {"Units": "mm"}

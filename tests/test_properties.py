@@ -8,6 +8,7 @@ raises the one-line :class:`AslprepError`. It never crashes with anything else.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aslprep_lite.bids import LABELED_TYPES, plan_run
+from aslprep_lite.bids.asl_run import LABELED_TYPES
+from aslprep_lite.bids.discovery import find_m0
+from aslprep_lite.bids.validation import validate_run
 from aslprep_lite.errors import AslprepError
 from aslprep_lite.quant import constants
 from aslprep_lite.quant.cbf import pasl_bolus_duration, pasl_cbf, pcasl_cbf, slice_delays
@@ -90,7 +93,7 @@ def run_metadata(draw):
 
 
 class _Layout:
-    """The two pybids calls plan_run makes, answered from memory."""
+    """The two pybids calls validate_run makes, answered from memory."""
 
     def __init__(self, metadata):
         self.metadata = metadata
@@ -129,7 +132,13 @@ def test_validation_is_total(dataset, case):
     perf = dataset / "sub-01" / "perf"
     (perf / "sub-01_aslcontext.tsv").write_text("volume_type\n" + "\n".join(context) + "\n")
     try:
-        plan = plan_run(_Layout(metadata), perf / "sub-01_asl.nii.gz", dataset, check_images=False)
+        plan = validate_run(
+            _Layout(metadata),
+            perf / "sub-01_asl.nii.gz",
+            dataset,
+            check_images=False,
+            find_m0=partial(find_m0, m0scans=[], subject_dir=dataset / "sub-01", bids_dir=dataset),
+        )
     except AslprepError as err:
         message = str(err)
         assert "\n" not in message

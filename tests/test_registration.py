@@ -1,4 +1,4 @@
-"""SimpleITK head-motion correction and resampling (aslprep_lite.registration).
+"""SimpleITK head-motion correction and resampling (aslprep_lite.quant.registration).
 
 The phantom is analytic: nested ellipsoids with smooth (tanh) edges, a few asymmetric blobs and
 a low-frequency texture inside the brain, defined in world millimetres. Each moved volume is
@@ -16,9 +16,9 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from aslprep_lite import registration
+from aslprep_lite.quant import registration
 from aslprep_lite.quant.motion import image_center, matrix_to_parameters, parameters_to_matrix
-from aslprep_lite.registration import (
+from aslprep_lite.quant.registration import (
     MotionEstimate,
     estimate_motion,
     register_rigid,

@@ -2,8 +2,8 @@
 
 The package source is parsed with :mod:`ast` (nothing is imported or run). Every message the
 user can see is collected: each ``AslprepError(...)``, each ``.error(key, message)`` of a
-``_Fields`` object in ``bids.py`` (with the ``why`` texts its other methods add), the
-``ValueError`` texts that ``bids.py`` wraps into errors, the per-run failures, the warnings and
+``SidecarFields`` object in ``bids/`` (with the ``why`` texts its other methods add), the
+``ValueError`` texts that ``bids/`` wraps into errors, the per-run failures, the warnings and
 the command line's own lines. Of each message the longest constant fragment (the text outside
 the ``{placeholders}``) must appear verbatim on the page, so that a new message cannot be added
 without documenting it. Conversely every message quoted in a ``text`` block of the page must
@@ -30,9 +30,12 @@ MIN_LONGEST = 12
 MIN_FRAGMENT = 6
 #: Punctuation and white space stripped from both ends of a fragment.
 STRIP = string.punctuation + string.whitespace
-#: Methods of ``bids._Fields`` whose first argument is a field name and that may add a ``why``.
-FIELD_METHODS = {"error", "required", "string", "boolean", "number", "per_volume"}
-#: Functions whose ``ValueError`` message ``bids.py`` passes on to the user unchanged
+#: Methods of ``bids.files.SidecarFields`` whose first argument is a field name (and which
+#: may add a ``why``).
+FIELD_METHODS = {"error", "required", "string", "boolean", "number", "first_number", "per_volume"}
+#: The modules that read sidecar fields.
+FIELD_MODULES = ("bids/files.py", "bids/validation.py")
+#: Functions whose ``ValueError`` message ``bids/`` passes on to the user unchanged
 #: (``plan_subtraction`` for the aslcontext, ``blood_t1`` -> ``_by_field`` for the field).
 WRAPPED_VALUE_ERRORS = {
     "quant/deltam.py": {"plan_subtraction"},
@@ -41,7 +44,7 @@ WRAPPED_VALUE_ERRORS = {
 #: Functions whose returned strings are quality warnings.
 WARNING_FUNCTIONS = {"quant/cbf.py": {"implausible_cbf"}}
 #: Functions whose f-strings are printed (the reason of a failed processing step).
-TEXT_FUNCTIONS = {"cli/run.py": {"crash_messages"}}
+TEXT_FUNCTIONS = {"cli/crashes.py": {"crash_messages"}}
 #: The prefix of every error line: it does not identify a message.
 PREFIX = "aslprep-lite: error"
 #: Logger methods whose format string reaches the user.
@@ -112,23 +115,25 @@ def _receiver(call: ast.Call) -> str | None:
 
 
 def _fields_names(tree: ast.Module) -> set[str]:
-    """Names bound to ``_Fields`` objects: annotated parameters, ``= _Fields(...)``, ``self``."""
+    """Names bound to ``SidecarFields``: annotated parameters, ``= SidecarFields(...)``."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.arg) and node.annotation is not None:
-            if "_Fields" in ast.unparse(node.annotation):
+            if "SidecarFields" in ast.unparse(node.annotation):
                 names.add(node.arg)
-        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
-            if _callee(node.value) == "_Fields":
-                names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.Assign) and any(
+            isinstance(call, ast.Call) and _callee(call) == "SidecarFields"
+            for call in ast.walk(node.value)
+        ):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
     return names
 
 
 def _fields_self_calls(tree: ast.Module) -> set[int]:
-    """ids of ``self.<method>(...)`` calls inside ``class _Fields``."""
+    """ids of ``self.<method>(...)`` calls inside ``class SidecarFields``."""
     found = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef) and node.name == "_Fields":
+        if isinstance(node, ast.ClassDef) and node.name == "SidecarFields":
             found.update(
                 id(call)
                 for call in ast.walk(node)
@@ -185,8 +190,8 @@ def collect_messages() -> tuple[Message, ...]:
                 Message(f"aslprep_lite/{where}:{node.lineno}", tuple(fragments), field)
             )
 
-        fields_names = _fields_names(tree) if relative == "bids.py" else set()
-        fields_self = _fields_self_calls(tree) if relative == "bids.py" else set()
+        fields_names = _fields_names(tree) if relative in FIELD_MODULES else set()
+        fields_self = _fields_self_calls(tree) if relative in FIELD_MODULES else set()
         for node in ast.walk(tree):
             for text in _failure_texts(node):
                 add(text, _fragments(text))
@@ -241,7 +246,16 @@ def test_collector_finds_the_messages() -> None:
     checked = [m for m in messages if m.required()]
     assert len(checked) >= 80, f"only {len(checked)} messages found: is the collector broken?"
     kinds = {m.where.split(":")[0] for m in checked}
-    for module in ("bids.py", "config.py", "images.py", "cli/run.py", "quant/cbf.py"):
+    for module in (
+        "bids/validation.py",
+        "bids/files.py",
+        "bids/discovery.py",
+        "config.py",
+        "images.py",
+        "cli/run.py",
+        "cli/crashes.py",
+        "quant/cbf.py",
+    ):
         assert f"aslprep_lite/{module}" in kinds, f"no message found in {module}"
 
 

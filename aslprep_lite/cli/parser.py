@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 
 from aslprep_lite import __version__
+from aslprep_lite.config import QuantificationOptions
+
+#: The defaults of every processing option, defined once in the config.
+_DEFAULTS = QuantificationOptions()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,28 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument(
         "--m0-scale",
         type=float,
-        default=1.0,
+        default=_DEFAULTS.m0_scale,
         metavar="FACTOR",
         help="multiply the M0 by this factor before calibration (vendor scaling)",
     )
     proc.add_argument(
         "--smooth-kernel",
         type=float,
-        default=5.0,
+        default=_DEFAULTS.smooth_kernel,
         metavar="FWHM_MM",
         help="FWHM (mm) of the Gaussian smoothing of M0 within the brain mask; 0 disables",
     )
     proc.add_argument(
         "--dummy-scans",
         type=int,
-        default=0,
+        default=_DEFAULTS.dummy_scans,
         metavar="N",
         help="discard the first N volumes of each ASL series (non-steady state)",
     )
     proc.add_argument(
         "--m0-calibration",
         choices=["voxel", "csf", "wm"],
-        default="voxel",
+        default=_DEFAULTS.m0_calibration,
         help="calibrate voxel by voxel with the M0 image, or with one arterial-blood M0 from a "
         "reference region (CSF or white matter), as oxford_asl's asl_calib",
     )
@@ -85,14 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument(
         "--att-method",
         choices=["fit", "weighted-delay"],
-        default="fit",
+        default=_DEFAULTS.att_method,
         help="multi-delay runs: arterial transit time by the kinetic-model fit, or by the "
         "weighted delay (Dai et al. 2012) with CBF then fitted at that ATT",
     )
     proc.add_argument(
         "--att-prior",
         choices=["local", "none"],
-        default="local",
+        default=_DEFAULTS.att_prior,
         help="multi-delay runs fitted with --att-method fit: shrink each voxel's ATT toward "
         "the ATTs around it by an empirical-Bayes Gaussian prior estimated from a first "
         "least-squares fit (local), or plain least squares (none)",

@@ -1,35 +1,36 @@
-"""``aslprep-lite``: the BIDS-App entry point."""
+"""``aslprep-lite``: the BIDS-App entry point.
+
+:func:`main` (the console script) parses the command line, sets up logging, installs the
+SIGTERM/SIGINT handlers that also stop nipype's worker processes (found by walking ``/proc``)
+and turns errors into one-line messages and exit codes. The work itself is elsewhere:
+:mod:`aslprep_lite.cli.workflow` runs the nipype graph, :mod:`aslprep_lite.cli.crashes` reads
+its crash files and :mod:`aslprep_lite.cli.provenance` writes ``dataset_description.json``.
+"""
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import platform
-import shutil
 import signal
 import sys
 import time
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 # nipype checks online for updates at import time unless told not to; compute nodes are
 # offline and the check must never delay or break a run.
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
-from aslprep_lite import __version__
 from aslprep_lite.cli.parser import build_parser
-from aslprep_lite.config import Settings, build_settings, check_writable
+from aslprep_lite.cli.provenance import write_dataset_description
+from aslprep_lite.cli.workflow import run_participants
+from aslprep_lite.config import build_settings, check_writable
 from aslprep_lite.errors import AslprepError
 
 LOGGER = logging.getLogger("aslprep_lite")
-#: Write errors that mean the disk (or the user's quota, or a file-size limit) is full.
-DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # errno values are ints
 #: The process that installed the signal handlers (nipype's forked workers inherit them).
 _MAIN_PID = os.getpid()
-DEPENDENCIES = ("nipype", "pybids", "nibabel", "numpy", "scipy", "SimpleITK")
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -38,167 +39,6 @@ def _setup_logging(verbosity: int) -> None:
     )
     logging.basicConfig(format="%(levelname)s: %(message)s", level=level, force=True)
     LOGGER.setLevel(logging.INFO if verbosity >= 0 else logging.ERROR)
-
-
-def software_versions() -> dict[str, str]:
-    """Versions of aslprep_lite's scientific dependencies."""
-    versions = {"python": platform.python_version()}
-    for name in DEPENDENCIES:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "unknown"
-    return versions
-
-
-def write_dataset_description(settings: Settings) -> None:
-    """BIDS-Derivatives ``dataset_description.json`` (no time stamp: reruns are identical)."""
-    from aslprep_lite.bids import read_json
-    from aslprep_lite.images import write_atomic_text
-
-    raw = read_json(settings.bids_dir / "dataset_description.json")
-    source = {"URL": settings.bids_dir.as_uri()}
-    if raw.get("DatasetDOI"):
-        source["DOI"] = raw["DatasetDOI"]
-    description = {
-        "Name": "aslprep_lite derivatives" + (f" of {raw['Name']}" if raw.get("Name") else ""),
-        "BIDSVersion": "1.9.0",
-        "DatasetType": "derivative",
-        "GeneratedBy": [
-            {
-                "Name": "aslprep_lite",
-                "Version": __version__,
-                "Description": "Dependencies: "
-                + ", ".join(f"{k} {v}" for k, v in software_versions().items()),
-            }
-        ],
-        "SourceDatasets": [source],
-        "DatasetLinks": {"raw": settings.bids_dir.as_uri()},
-    }
-    write_atomic_text(
-        settings.output_dir / "dataset_description.json",
-        json.dumps(description, indent=2, sort_keys=True) + "\n",
-    )
-
-
-def _configure_nipype(settings: Settings, crash_dir: Path) -> None:
-    from nipype import config as nipype_config
-    from nipype import logging as nipype_logging
-
-    nipype_level = "INFO" if settings.verbosity >= 2 else "CRITICAL"
-    nipype_config.update_config(
-        {
-            "execution": {
-                "crashdump_dir": str(crash_dir),
-                "crashfile_format": "txt",
-                "stop_on_first_crash": settings.stop_on_first_crash,
-                "hash_method": "content",
-                "remove_unnecessary_outputs": False,
-                "check_version": False,
-                "create_report": False,
-                "parameterize_dirs": False,
-                # nipype polls for finished jobs every 2 s by default: most of a small run.
-                "poll_sleep_duration": 0.05,
-            },
-            "logging": {
-                "workflow_level": nipype_level,
-                "interface_level": nipype_level,
-                "utils_level": nipype_level,
-            },
-            "monitoring": {"enabled": False},
-        }
-    )
-    nipype_logging.update_logging(nipype_config)
-
-
-def crash_messages(crash_dir: Path) -> dict[str, str]:
-    """Map nipype node paths to the one-line reason they failed, from the crash files."""
-    messages = {}
-    for crash in sorted(crash_dir.glob("crash-*.txt")):
-        text = crash.read_text(errors="replace")
-        header = dict(line.split(":", 1) for line in text.splitlines()[:3] if line.count(":") >= 1)
-        node = header.get("Node", "").strip()
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        reason = next(
-            (line for line in reversed(lines) if "Error" in line.split(":", 1)[0]), lines[-1]
-        )
-        prefix = "aslprep_lite.errors.AslprepError:"
-        full_disk = next((e for e in DISK_FULL if f"[Errno {e}]" in reason), None)
-        if reason.startswith(prefix):
-            reason = reason[len(prefix) :].strip()
-        elif full_disk is not None:
-            where = header.get("Working directory", "").strip() or str(crash.parent)
-            reason = (
-                f"{where}: cannot write ({os.strerror(full_disk)}): free space on that "
-                "disk, or give -w (and OUTPUT_DIR) on one with room"
-            )
-        else:
-            reason = f"{reason} (details: {crash})"
-        messages[node] = reason
-    return messages
-
-
-def run_participants(settings: Settings, plans) -> list[tuple[str, str]]:
-    """Build and run the nipype graph; return ``(asl_file, reason)`` for each failed run."""
-    from aslprep_lite.workflows.base import (
-        collect_boilerplate,
-        init_aslprep_lite_wf,
-        run_workflow_name,
-    )
-
-    crash_dir = settings.work_dir / "crashes"
-    shutil.rmtree(crash_dir, ignore_errors=True)
-    crash_dir.mkdir(parents=True, exist_ok=True)
-    _configure_nipype(settings, crash_dir)
-    workflow = init_aslprep_lite_wf(settings, plans)
-    _write_boilerplate(settings, collect_boilerplate(workflow))
-
-    if settings.plugin:
-        plugin, plugin_args = settings.plugin, dict(settings.plugin_args)
-    else:
-        plugin = "Linear" if settings.nprocs == 1 else "MultiProc"
-        plugin_args = {"n_procs": settings.nprocs, "raise_insufficient": False}
-        if settings.mem_gb:
-            plugin_args["memory_gb"] = settings.mem_gb
-    try:
-        workflow.run(plugin=plugin, plugin_args=plugin_args)
-    except RuntimeError as err:
-        if "did not execute cleanly" not in str(err) and not list(crash_dir.glob("crash-*")):
-            raise
-    messages = crash_messages(crash_dir)
-    failures = []
-    for plan in plans:
-        _report_quality_warnings(settings, plan)
-        name = run_workflow_name(plan)
-        reasons = [msg for node, msg in messages.items() if f".{name}." in f".{node}."]
-        missing = [f for f in plan.outputs() if not (settings.output_dir / f).exists()]
-        if reasons or missing:
-            failures.append(
-                (plan.asl_file, reasons[0] if reasons else "processing stopped before outputs")
-            )
-    return failures
-
-
-def _report_quality_warnings(settings: Settings, plan) -> None:
-    """Print the quality warnings a run wrote into its CBF sidecar (they must not go unseen)."""
-    sidecar = settings.output_dir / plan.out_dir / f"{plan.prefix}_cbf.json"
-    if sidecar.is_file():
-        for warning in json.loads(sidecar.read_text()).get("QualityWarnings", []):
-            LOGGER.warning("%s: %s", sidecar, warning)
-
-
-def _write_boilerplate(settings: Settings, paragraphs: Sequence[str]) -> None:
-    from aslprep_lite.images import write_atomic_text
-    from aslprep_lite.quant.constants import table
-
-    references = "\n".join(f"- {text}" for _, text in sorted(table()["references"].items()))
-    text = (
-        "# Methods\n\nResults included in this manuscript come from preprocessing performed "
-        f"using aslprep_lite {__version__}, which is based on nipype.\n\n"
-        + "\n\n".join(paragraphs)
-        + f"\n\n## References\n\n{references}\n"
-    )
-    write_atomic_text(settings.output_dir / "logs" / "CITATION.md", text)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -239,7 +79,19 @@ def _terminate(signum: int, _frame) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run aslprep-lite; return the process exit code."""
+    """Run aslprep-lite; return the process exit code.
+
+    Parameters
+    ----------
+    argv : Sequence[str] or None
+        The command-line arguments without the program name (``None``: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 on success; 1 if a run failed or an error stopped aslprep-lite (a usage error
+        exits with 2 from the argument parser; with -v errors are raised, not returned).
+    """
     options = build_parser().parse_args(argv)
     global _MAIN_PID
     _MAIN_PID = os.getpid()
@@ -266,29 +118,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(options) -> int:
-    from aslprep_lite.bids import ProcessingOptions, discover
+    from aslprep_lite.bids.discovery import discover
+    from aslprep_lite.bids.summary import run_summary
 
     settings = build_settings(options)
+    execution, quantification = settings.execution, settings.quantification
     start = time.monotonic()
     discovery = discover(
-        settings.bids_dir,
-        participant_label=settings.participant_label,
-        session_label=settings.session_label,
-        bids_filters=settings.bids_filters,
-        dummy_scans=settings.dummy_scans,
-        check_images=not settings.dry_run,
-        options=ProcessingOptions(
-            att_method=settings.att_method,
-            att_prior=settings.att_prior,
-            arterial_component=settings.arterial_component,
-            m0_calibration=settings.m0_calibration,
-            m0_reference_mask=settings.m0_reference_mask,
-        ),
+        execution.bids_dir,
+        participant_label=execution.participant_label,
+        session_label=execution.session_label,
+        bids_filters=execution.bids_filters,
+        dummy_scans=quantification.dummy_scans,
+        check_images=not execution.dry_run,
+        m0_calibration=quantification.m0_calibration,
     )
     failures = list(discovery.failures)
-    if settings.dry_run:
+    if execution.dry_run:
         plan = {
-            "runs": [p.summary() for p in discovery.plans],
+            "runs": [run_summary(run, quantification) for run in discovery.runs],
             "failures": [{"asl_file": f, "error": msg} for f, msg in failures],
         }
         try:
@@ -296,17 +144,17 @@ def _main(options) -> int:
         except BrokenPipeError:  # e.g. piped into `head`: the reader has what it wanted
             sys.stderr.close()
         return 1 if failures else 0
-    if settings.analysis_level == "group":
+    if execution.analysis_level == "group":
         LOGGER.info("the group level has nothing to do in this version")
         return 0
 
-    check_writable(settings.output_dir)
-    check_writable(settings.work_dir)
-    write_dataset_description(settings)
-    if discovery.plans:
-        failures += run_participants(settings, discovery.plans)
+    check_writable(settings.outputs.output_dir)
+    check_writable(execution.work_dir)
+    write_dataset_description(execution.bids_dir, settings.outputs.output_dir)
+    if discovery.runs:
+        failures += run_participants(settings, discovery.runs)
 
-    n_ok = len(discovery.plans) + len(discovery.failures) - len(failures)
+    n_ok = len(discovery.runs) + len(discovery.failures) - len(failures)
     for _, message in failures:
         print(f"aslprep-lite: error: {message}", file=sys.stderr)
     LOGGER.info(
@@ -314,7 +162,7 @@ def _main(options) -> int:
         n_ok,
         len(failures),
         time.monotonic() - start,
-        settings.output_dir,
+        settings.outputs.output_dir,
     )
     return 1 if failures else 0
 

@@ -1,9 +1,8 @@
-"""Label-control subtraction and CBF quantification nodes over :mod:`aslprep_lite.quant`."""
+"""Label-control subtraction and single-delay CBF nodes over :mod:`aslprep_lite.quant`."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import numpy as np
 from nipype.interfaces.base import (
@@ -14,21 +13,20 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from aslprep_lite.bids import RunPlan
 from aslprep_lite.images import load_image, save_image
-from aslprep_lite.quant import constants
 from aslprep_lite.quant.cbf import (
+    bolus_durations,
     consensus_cbf,
-    implausible_cbf,
-    pasl_bolus_duration,
+    finite_or_zero,
+    plausibility_warnings,
     slice_delays,
 )
 from aslprep_lite.quant.deltam import plan_subtraction, subtract
 
 
 class _DeltaMInputSpec(BaseInterfaceInputSpec):
-    plan = traits.Dict(mandatory=True, desc="RunPlan.as_dict() of the run")
     in_file = File(exists=True, mandatory=True, desc="motion-corrected ASL series")
+    context = traits.List(traits.Str, mandatory=True, desc="volume type of each volume")
 
 
 class _DeltaMOutputSpec(TraitedSpec):
@@ -44,7 +42,7 @@ class ComputeDeltaM(SimpleInterface):
 
     def _run_interface(self, runtime):
         series, img = load_image(self.inputs.in_file)
-        subtraction = plan_subtraction(self.inputs.plan["context"])
+        subtraction = plan_subtraction(self.inputs.context)
         if subtraction.n_volumes:
             deltam = subtract(series, subtraction)
             self._results["out_file"] = save_image(
@@ -57,39 +55,32 @@ class ComputeDeltaM(SimpleInterface):
 
 
 class _CBFInputSpec(BaseInterfaceInputSpec):
-    plan = traits.Dict(mandatory=True, desc="RunPlan.as_dict() of the run")
     in_file = File(exists=True, mandatory=True, desc="motion-corrected ASL series")
     deltam_file = File(desc="ΔM series (absent for cbf-only series)")
     m0_file = File(exists=True, mandatory=True, desc="calibration M0")
     mask_file = File(exists=True, mandatory=True, desc="brain mask")
+    context = traits.List(traits.Str, mandatory=True, desc="volume type of each volume")
+    asl_type = traits.Enum("PCASL", "CASL", "PASL", mandatory=True)
+    post_labeling_delay = traits.List(
+        traits.Float, mandatory=True, desc="PLD (TI for PASL) of each volume, s"
+    )
+    labeling_duration = traits.List(traits.Float, desc="(P)CASL: τ of each volume, s")
+    bolus_cutoff_technique = traits.Enum(None, "QUIPSS", "QUIPSSII", "Q2TIPS", desc="PASL")
+    bolus_cutoff_delay = traits.List(traits.Float, desc="PASL: BolusCutOffDelayTime, s")
+    slice_timing = traits.List(traits.Float, desc="2D readouts: time of each slice, s")
+    slice_axis = traits.Int(2, usedefault=True, desc="array axis of the slices")
+    quantification = traits.Dict(
+        mandatory=True, desc="constants with sources (quant.constants.quantification_record)"
+    )
+    metadata = traits.Dict(
+        usedefault=True, desc="fixed sidecar fields: model and timing as acquired"
+    )
 
 
 class _CBFOutputSpec(TraitedSpec):
     timeseries_file = File(exists=True, desc="CBF of every ΔM (and cbf) volume")
     mean_file = File(exists=True, desc="mean CBF")
     metadata = traits.Dict(desc="quantification parameters with their sources")
-
-
-def quantification_parameters(plan: dict[str, Any]) -> dict[str, Any]:
-    """The constants and timing a run is quantified with, each with its source."""
-    t1b = constants.blood_t1(plan["field_strength"])
-    alpha = constants.labeling_efficiency(
-        plan["asl_type"],
-        given=plan["labeling_efficiency"],
-        background_suppression=plan["background_suppression"],
-        bs_pulses=plan["bs_pulses"],
-    )
-    params = {
-        "PartitionCoefficient": constants.scalar("partition_coefficient").as_json(),
-        "BloodT1": t1b.as_json(),
-        "LabelingEfficiency": alpha.as_json(),
-        "UnitConversion": constants.scalar("unit_conversion").as_json(),
-    }
-    cited = " ".join(entry["Source"] for entry in params.values()) + " Alsop2015"
-    params["References"] = {
-        key: text for key, text in sorted(constants.table()["references"].items()) if key in cited
-    }
-    return params
 
 
 class ComputeCBF(SimpleInterface):
@@ -99,47 +90,44 @@ class ComputeCBF(SimpleInterface):
     output_spec = _CBFOutputSpec
 
     def _run_interface(self, runtime):
-        plan = self.inputs.plan
-        series, img = load_image(self.inputs.in_file)
-        m0, _ = load_image(self.inputs.m0_file)
-        mask, _ = load_image(self.inputs.mask_file)
-        mask = mask > 0
-        context = plan["context"]
-        params = quantification_parameters(plan)
+        inputs = self.inputs
+        series, img = load_image(inputs.in_file)
+        m0, _ = load_image(inputs.m0_file)
+        mask = load_image(inputs.mask_file)[0] > 0
+        context = inputs.context
+        constants = inputs.quantification
+        meta = dict(inputs.metadata)
 
         volumes = []
-        run = RunPlan(**plan)
-        meta: dict[str, Any] = {"Model": run.model}
         subtraction = plan_subtraction(context)
         if subtraction.n_volumes:
-            deltam, _ = load_image(self.inputs.deltam_file)
+            deltam, _ = load_image(inputs.deltam_file)
             source = list(subtraction.source)
-            delay = np.asarray(plan["post_labeling_delay"])[source]
-            if plan["slice_timing"]:
+            delay = np.asarray(inputs.post_labeling_delay)[source]
+            if inputs.slice_timing:
                 delay = slice_delays(
-                    delay, plan["slice_timing"], ndim=4, slice_axis=plan["slice_axis"]
+                    delay, inputs.slice_timing, ndim=4, slice_axis=inputs.slice_axis
                 )
                 meta["PerSliceDelay"] = "PLD + SliceTiming − min(SliceTiming) per slice"
-            if plan["asl_type"] == "PASL":
-                duration = pasl_bolus_duration(
-                    plan["bolus_cutoff_technique"], delay, plan["bolus_cutoff_delay"]
-                )
-                meta["InversionTime"] = run.labeled_value("post_labeling_delay")
-                meta["BolusCutOffTechnique"] = plan["bolus_cutoff_technique"]
-                meta["BolusCutOffDelayTime"] = plan["bolus_cutoff_delay"]
-            else:
-                duration = np.asarray(plan["labeling_duration"])[source]
-                meta["PostLabelingDelay"] = run.labeled_value("post_labeling_delay")
-                meta["LabelingDuration"] = run.labeled_value("labeling_duration")
+            labeling = (
+                np.asarray(inputs.labeling_duration)[source] if inputs.labeling_duration else None
+            )
+            duration = bolus_durations(
+                inputs.asl_type,
+                delay,
+                labeling,
+                inputs.bolus_cutoff_technique,
+                inputs.bolus_cutoff_delay or None,
+            )
             cbf = consensus_cbf(
                 deltam,
                 m0,
-                asl_type=plan["asl_type"],
+                asl_type=inputs.asl_type,
                 delay=delay,
                 duration=duration,
-                t1_blood=params["BloodT1"]["Value"],
-                labeling_efficiency=params["LabelingEfficiency"]["Value"],
-                partition_coefficient=params["PartitionCoefficient"]["Value"],
+                t1_blood=constants["BloodT1"]["Value"],
+                labeling_efficiency=constants["LabelingEfficiency"]["Value"],
+                partition_coefficient=constants["PartitionCoefficient"]["Value"],
             )
             volumes.append((list(subtraction.control), cbf))
         cbf_idx = [i for i, kind in enumerate(context) if kind == "cbf"]
@@ -148,15 +136,12 @@ class ComputeCBF(SimpleInterface):
             meta["PassedThroughCBFVolumes"] = len(cbf_idx)
         order = np.argsort(np.concatenate([np.asarray(idx) for idx, _ in volumes]), kind="stable")
         timeseries = np.concatenate([vol for _, vol in volumes], axis=3)[..., order]
-        # Outside the brain there is no perfusion to report; NaN/inf never reach an output.
-        timeseries = np.where(mask[..., np.newaxis], timeseries, 0.0)
-        timeseries = np.nan_to_num(timeseries, nan=0.0, posinf=0.0, neginf=0.0)
+        # Outside the brain there is no perfusion to report.
+        timeseries = finite_or_zero(np.where(mask[..., np.newaxis], timeseries, 0.0))
         mean = timeseries.mean(axis=3)
         meta["NumberOfVolumesAveraged"] = int(timeseries.shape[3])
-        bounds = constants.table()["plausible_cbf"]["values"]
-        warning = implausible_cbf(mean, mask, bounds["low"], bounds["high"])
-        meta["QualityWarnings"] = [warning] if warning else []
-        meta["Quantification"] = params
+        meta["QualityWarnings"] = plausibility_warnings(mean, mask)
+        meta["Quantification"] = constants
 
         self._results["timeseries_file"] = save_image(
             timeseries, img, os.path.join(runtime.cwd, "cbf_timeseries.nii")

@@ -53,8 +53,8 @@ def format_table(values: np.ndarray) -> str:
 class _ConfoundsInputSpec(BaseInterfaceInputSpec):
     transforms_file = File(exists=True, mandatory=True)
     reference_file = File(exists=True, mandatory=True)
-    note = traits.Str(mandatory=True, desc="head-motion correction summary")
-    skipped = traits.Bool(mandatory=True, desc="no volume was registered")
+    hmc_summary = traits.Str(mandatory=True, desc="head-motion correction summary")
+    hmc_skipped = traits.Bool(mandatory=True, desc="no volume was registered")
 
 
 class _ConfoundsOutputSpec(TraitedSpec):
@@ -71,7 +71,7 @@ class MotionConfounds(SimpleInterface):
     def _run_interface(self, runtime):
         matrices = np.load(self.inputs.transforms_file)
         reference = nb.load(self.inputs.reference_file)
-        if self.inputs.skipped:
+        if self.inputs.hmc_skipped:
             values = np.full((matrices.shape[0], len(COLUMNS)), np.nan)
         else:
             center = image_center(reference.shape, reference.affine)
@@ -87,6 +87,6 @@ class MotionConfounds(SimpleInterface):
             name: {"Description": desc, "Units": units}
             for name, (desc, units) in COLUMN_DESCRIPTIONS.items()
         }
-        metadata["HeadMotionCorrection"] = self.inputs.note
+        metadata["HeadMotionCorrection"] = self.inputs.hmc_summary
         self._results["metadata"] = metadata
         return runtime

@@ -1,4 +1,4 @@
-"""Head-motion correction nodes over :mod:`aslprep_lite.registration`."""
+"""Head-motion correction nodes over :mod:`aslprep_lite.quant.registration`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from nipype.interfaces.base import (
 )
 
 from aslprep_lite.images import load_image, save_image
-from aslprep_lite.registration import estimate_motion, resample_series
+from aslprep_lite.quant.registration import estimate_motion, resample_series
 
 
 class _EstimateInputSpec(BaseInterfaceInputSpec):
@@ -27,8 +27,8 @@ class _EstimateInputSpec(BaseInterfaceInputSpec):
 class _EstimateOutputSpec(TraitedSpec):
     transforms_file = File(exists=True, desc="(T, 4, 4) RAS reference-to-volume matrices, .npy")
     reference_file = File(exists=True, desc="motion-corrected reference image")
-    note = traits.Str(desc="what was registered, or why not")
-    skipped = traits.Bool(desc="no volume was registered")
+    hmc_summary = traits.Str(desc="what was registered, or why not")
+    hmc_skipped = traits.Bool(desc="no volume was registered")
 
 
 class EstimateHeadMotion(SimpleInterface):
@@ -52,8 +52,8 @@ class EstimateHeadMotion(SimpleInterface):
         self._results["reference_file"] = save_image(
             estimate.reference, img, os.path.join(runtime.cwd, "reference.nii")
         )
-        self._results["note"] = estimate.note
-        self._results["skipped"] = not any(estimate.registered)
+        self._results["hmc_summary"] = estimate.note
+        self._results["hmc_skipped"] = not any(estimate.registered)
         return runtime
 
 

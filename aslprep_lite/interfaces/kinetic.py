@@ -14,22 +14,26 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from aslprep_lite.bids import RunPlan
+from aslprep_lite.bids.derivatives import BY_KEY
 from aslprep_lite.images import load_image, save_image
-from aslprep_lite.interfaces.cbf import quantification_parameters
-from aslprep_lite.quant import constants as quant_constants
 from aslprep_lite.quant import kinetic
-from aslprep_lite.quant.cbf import consensus_cbf, implausible_cbf, slice_delays
+from aslprep_lite.quant.cbf import (
+    bolus_durations,
+    consensus_cbf,
+    finite_or_zero,
+    plausibility_warnings,
+    slice_delays,
+)
 from aslprep_lite.quant.deltam import plan_subtraction
 
-#: Fit settings written to the sidecar (the defaults of :func:`kinetic.fit_multidelay`).
+#: Fit settings written to the sidecar: the defaults of :func:`kinetic.fit_multidelay`.
 FIT_SETTINGS = {
-    "CBFBounds": [-100.0, 500.0],
-    "ABVBounds": [0.0, 0.1],
-    "ABATBounds": [0.0, 3.0],
-    "ATTGridStep": 0.05,
-    "MaxIterations": 100,
-    "ArterialDispersion": 0.1,
+    "CBFBounds": list(kinetic.CBF_BOUNDS),
+    "ABVBounds": list(kinetic.ABV_BOUNDS),
+    "ABATBounds": list(kinetic.ABAT_BOUNDS),
+    "ATTGridStep": kinetic.ATT_STEP,
+    "MaxIterations": kinetic.MAX_ITER,
+    "ArterialDispersion": kinetic.ARTERIAL_DISPERSION,
     "Optimizer": "ATT grid with closed-form CBF, then Levenberg-Marquardt on all voxels at once",
 }
 FAILURE_CODES = {
@@ -42,17 +46,42 @@ FAILURE_CODES = {
 
 
 class _FitInputSpec(BaseInterfaceInputSpec):
-    plan = traits.Dict(mandatory=True, desc="RunPlan.as_dict() of the run")
     deltam_file = File(exists=True, mandatory=True, desc="ΔM series")
     m0_file = File(exists=True, mandatory=True, desc="calibration M0")
     mask_file = File(exists=True, mandatory=True, desc="brain mask")
+    context = traits.List(traits.Str, mandatory=True, desc="volume type of each volume")
+    asl_type = traits.Enum("PCASL", "CASL", "PASL", mandatory=True)
+    post_labeling_delay = traits.List(
+        traits.Float, mandatory=True, desc="PLD (TI for PASL) of each volume, s"
+    )
+    labeling_duration = traits.List(traits.Float, desc="(P)CASL: τ of each volume, s")
+    bolus_cutoff_technique = traits.Enum(None, "QUIPSSII", "Q2TIPS", desc="PASL")
+    bolus_cutoff_delay = traits.List(traits.Float, desc="PASL: BolusCutOffDelayTime, s")
+    slice_timing = traits.List(traits.Float, desc="2D readouts: time of each slice, s")
+    slice_axis = traits.Int(2, usedefault=True, desc="array axis of the slices")
+    quantification = traits.Dict(
+        mandatory=True, desc="constants with sources (quant.constants.quantification_record)"
+    )
+    att_method = traits.Enum("fit", "weighted-delay", mandatory=True)
+    att_prior = traits.Enum("local", "none", mandatory=True)
+    arterial_component = traits.Bool(False, usedefault=True)
+    metadata = traits.Dict(
+        usedefault=True, desc="fixed sidecar fields of the CBF map (model, delays)"
+    )
 
 
 class _FitOutputSpec(TraitedSpec):
     mean_file = File(exists=True, desc="fitted CBF")
     metadata = traits.Dict(desc="model, fit settings, constants, with sources")
-    maps = traits.Dict(desc="{derivative suffix: file} of the other parameter maps")
-    maps_metadata = traits.Dict(desc="{derivative suffix: sidecar}")
+    att = File(exists=True, desc="arterial transit time (s)")
+    cbf_stderr = File(exists=True, desc="standard error of CBF")
+    att_stderr = File(desc="standard error of ATT (fitted ATT only)")
+    fit_rsquared = File(desc="R² of the fit (fitted ATT only)")
+    fit_failed = File(exists=True, desc="voxels where the fit failed")
+    cbf_longestdelay = File(exists=True, desc="consensus CBF of the longest delay alone")
+    abv = File(desc="arterial blood volume (--arterial-component)")
+    abat = File(desc="arterial bolus arrival time (--arterial-component)")
+    maps_metadata = traits.Dict(desc="{derivative key: sidecar fields set by this run}")
 
 
 class FitKineticModel(SimpleInterface):
@@ -62,59 +91,66 @@ class FitKineticModel(SimpleInterface):
     output_spec = _FitOutputSpec
 
     def _run_interface(self, runtime):
-        plan = RunPlan(**self.inputs.plan)
-        deltam, img = load_image(self.inputs.deltam_file)
-        m0, _ = load_image(self.inputs.m0_file)
-        mask = load_image(self.inputs.mask_file)[0] > 0
-        params = quantification_parameters(self.inputs.plan)
+        inputs = self.inputs
+        deltam, img = load_image(inputs.deltam_file)
+        m0, _ = load_image(inputs.m0_file)
+        mask = load_image(inputs.mask_file)[0] > 0
+        params = inputs.quantification
         constants = {
-            "asl_type": plan.asl_type,
+            "asl_type": inputs.asl_type,
             "t1_blood": params["BloodT1"]["Value"],
             "labeling_efficiency": params["LabelingEfficiency"]["Value"],
             "partition_coefficient": params["PartitionCoefficient"]["Value"],
         }
-        source = list(plan_subtraction(plan.context).source)
-        delays = np.asarray(plan.post_labeling_delay, dtype=np.float64)[source]
-        if plan.asl_type == "PASL":  # QUIPSS II / Q2TIPS: the bolus is cut at TI1
-            durations = np.full(delays.shape, plan.bolus_cutoff_delay[0])
-        else:
-            durations = np.asarray(plan.labeling_duration, dtype=np.float64)[source]
+        source = list(plan_subtraction(inputs.context).source)
+        delays = np.asarray(inputs.post_labeling_delay, dtype=np.float64)[source]
+        labeling = inputs.labeling_duration or None
+        durations = bolus_durations(
+            inputs.asl_type,
+            delays,
+            np.asarray(labeling, dtype=np.float64)[source] if labeling else None,
+            inputs.bolus_cutoff_technique,
+            inputs.bolus_cutoff_delay or None,
+        )
         offsets = None
-        if plan.slice_timing:
-            per_slice = slice_delays(0.0, plan.slice_timing, ndim=3, slice_axis=plan.slice_axis)
+        if inputs.slice_timing:
+            per_slice = slice_delays(
+                0.0, inputs.slice_timing, ndim=3, slice_axis=inputs.slice_axis
+            )
             offsets = np.broadcast_to(per_slice, mask.shape)[mask]
         signal, m0_vox = deltam[mask].astype(np.float64), m0[mask].astype(np.float64)
 
         maps: dict[str, np.ndarray] = {}
         arterial_voxels = None
-        att_bounds = (0.0, kinetic.att_upper_bound(delays, plan.asl_type))
+        att_bounds = (0.0, kinetic.att_upper_bound(delays, inputs.asl_type))
         prior_record: dict[str, Any] | None = None
-        if plan.att_method == "fit":
+        fitted = inputs.att_method == "fit"
+        if fitted:
             options = {
                 "att_bounds": att_bounds,
                 "delay_offset": offsets,
                 "att_prior": None,
                 **constants,
             }
-            if plan.att_prior == "local":
+            if inputs.att_prior == "local":
                 zooms = img.header.get_zooms()[:3]
                 options["att_prior"] = lambda fit: kinetic.local_att_prior(fit.att, mask, zooms)
             args = (signal, m0_vox, delays, durations)
-            if plan.arterial_component:
+            if inputs.arterial_component:
                 fit, kept = kinetic.fit_with_arterial_selection(*args, **options)
                 arterial_voxels = int(kept.sum())
             else:
                 fit = kinetic.fit_multidelay(*args, **options)
-            if plan.att_prior == "local":
+            if inputs.att_prior == "local":
                 prior_record = _prior_record(fit.att_prior)
             cbf, failed = fit.cbf, fit.failed
-            maps["att.nii.gz"] = fit.att
-            maps["desc-stderr_att.nii.gz"] = fit.att_se
-            maps["desc-fitrsquared_cbf.nii.gz"] = fit.r2
-            maps["desc-stderr_cbf.nii.gz"] = fit.cbf_se
-            if plan.arterial_component:
-                maps["abv.nii.gz"] = fit.abv
-                maps["abat.nii.gz"] = fit.abat
+            maps["att"] = fit.att
+            maps["att_stderr"] = fit.att_se
+            maps["fit_rsquared"] = fit.r2
+            maps["cbf_stderr"] = fit.cbf_se
+            if inputs.arterial_component:
+                maps["abv"] = fit.abv
+                maps["abat"] = fit.abat
             codes, counts = np.unique(fit.reason[fit.failed], return_counts=True)
             failures = {str(int(c)): int(n) for c, n in zip(codes, counts, strict=True)}
         else:
@@ -123,62 +159,53 @@ class FitKineticModel(SimpleInterface):
                 signal, m0_vox, att, delays, durations, delay_offset=offsets, **constants
             )
             failed = ~in_range | ~np.isfinite(cbf)
-            maps["att.nii.gz"] = att
-            maps["desc-stderr_cbf.nii.gz"] = cbf_se
+            maps["att"] = att
+            maps["cbf_stderr"] = cbf_se
             failures = {"weighted delay out of range or undefined": int(failed.sum())}
-        maps["desc-longestdelay_cbf.nii.gz"] = self._longest_delay_cbf(
+        maps["cbf_longestdelay"] = self._longest_delay_cbf(
             signal, m0_vox, delays, durations, offsets, constants
         )
-        maps["desc-fitfailed_mask.nii.gz"] = failed
+        maps["fit_failed"] = failed
 
-        # NaN/inf never reach an output: undefined values are 0 and flagged in the mask.
         def to_volume(values: np.ndarray) -> np.ndarray:
             volume = np.zeros(mask.shape, dtype=np.float64)
-            volume[mask] = np.nan_to_num(
-                values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0
-            )
+            volume[mask] = finite_or_zero(values)  # undefined values are 0, flagged in the mask
             return volume
 
-        files, sidecars = {}, {}
-        for suffix, values in maps.items():
-            is_mask = suffix.endswith("_mask.nii.gz")
-            files[suffix] = save_image(
+        for key, values in maps.items():
+            self._results[key] = save_image(
                 to_volume(values),
                 img,
-                os.path.join(runtime.cwd, suffix.replace(".nii.gz", ".nii")),
-                dtype=np.uint8 if is_mask else np.float32,
+                os.path.join(runtime.cwd, f"{key}.nii"),
+                dtype=np.uint8 if key == "fit_failed" else np.float32,
             )
-            sidecars[suffix] = _map_sidecar(suffix, plan)
+        posterior = fitted and inputs.att_prior == "local"
+        self._results["maps_metadata"] = _maps_metadata(float(delays.max()), posterior)
         cbf_volume = to_volume(cbf)
         self._results["mean_file"] = save_image(
             cbf_volume, img, os.path.join(runtime.cwd, "cbf.nii")
         )
-        bounds = quant_constants.table()["plausible_cbf"]["values"]
-        warning = implausible_cbf(cbf_volume, mask, bounds["low"], bounds["high"])
-        self._results["maps"] = files
-        self._results["maps_metadata"] = sidecars
         volumes_per_delay = {f"{d:g}": int((delays == d).sum()) for d in np.unique(delays)}
         self._results["metadata"] = {
+            **inputs.metadata,
             "Description": "Cerebral blood flow from the kinetic-model fit over all delays",
-            "QualityWarnings": [warning] if warning else [],
-            "Model": plan.model,
-            "PostLabelingDelay" if plan.asl_type != "PASL" else "InversionTime": plan.delays,
+            "QualityWarnings": plausibility_warnings(cbf_volume, mask),
             "DeltaMVolumesPerDelay": volumes_per_delay,
-            "ATTMethod": plan.att_method,
+            "ATTMethod": inputs.att_method,
             "ArterialComponent": (
                 {
                     "Selection": "per voxel, extra-sum-of-squares F-test against the tissue-only "
                     "model, p < 0.05",
                     "VoxelsWithArterialComponent": arterial_voxels,
                 }
-                if plan.arterial_component
+                if inputs.arterial_component
                 else False
             ),
             "FitSettings": {
                 **FIT_SETTINGS,
                 "ATTBounds": list(att_bounds),
                 "ATTBoundsRule": "0 to the longest delay + 0.5 s (kinetic.att_upper_bound)",
-                **({"ATTPrior": prior_record or "none"} if plan.att_method == "fit" else {}),
+                **({"ATTPrior": prior_record or "none"} if fitted else {}),
             },
             "FitFailures": failures,
             "FitFailureCodes": FAILURE_CODES,
@@ -238,30 +265,18 @@ def _prior_record(prior: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
     }
 
 
-def _map_sidecar(suffix: str, plan: RunPlan) -> dict[str, Any]:
-    """Units and description of each parameter map."""
-    descriptions = {
-        "att.nii.gz": ("s", "Arterial transit time"),
-        "desc-stderr_att.nii.gz": ("s", "Standard error of the arterial transit time"),
-        "desc-stderr_cbf.nii.gz": ("mL/100 g/min", "Standard error of CBF"),
-        "desc-fitrsquared_cbf.nii.gz": (
-            "1",
-            "Goodness of fit: R² of the kinetic curve against the per-delay mean ΔM",
-        ),
-        "abv.nii.gz": ("mL/mL", "Arterial (macrovascular) blood volume fraction"),
-        "abat.nii.gz": ("s", "Arterial bolus arrival time"),
-        "desc-longestdelay_cbf.nii.gz": (
-            "mL/100 g/min",
-            f"CBF from the single-delay consensus formula on the longest delay "
-            f"({max(plan.delays):g} s) only, for comparison with the fit",
-        ),
-        "desc-fitfailed_mask.nii.gz": (
-            "1",
-            "Voxels where the fit failed (reasons in FitFailures of the CBF sidecar); their "
-            "values in the other maps are unreliable (0 where undefined)",
-        ),
+def _maps_metadata(longest_delay: float, posterior: bool) -> dict[str, dict[str, str]]:
+    """The parts of the maps' sidecars that depend on the run (the rest is in the spec)."""
+    metadata = {
+        "cbf_longestdelay": {
+            "Description": "CBF from the single-delay consensus formula on the longest delay "
+            f"({longest_delay:g} s) only, for comparison with the fit"
+        }
     }
-    units, description = descriptions[suffix]
-    if suffix.startswith("desc-stderr") and plan.att_method == "fit" and plan.att_prior == "local":
-        description += " (posterior SD under the local ATT prior)"
-    return {"Units": units, "Description": description}
+    if posterior:  # the standard errors are posterior SDs under the prior
+        for key in ("cbf_stderr", "att_stderr"):
+            description = BY_KEY[key].description
+            metadata[key] = {
+                "Description": f"{description} (posterior SD under the local ATT prior)"
+            }
+    return metadata

@@ -10,12 +10,12 @@ from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
-from aslprep_lite.bids import RunPlan
 from aslprep_lite.errors import AslprepError
-from aslprep_lite.images import load_image, save_image
+from aslprep_lite.images import check_signal, load_image, load_volume, save_image
 from aslprep_lite.quant import constants
 from aslprep_lite.quant.m0 import (
     brain_mask,
@@ -23,17 +23,31 @@ from aslprep_lite.quant.m0 import (
     smooth_within_mask,
     tr_correction_factor,
 )
-from aslprep_lite.registration import register_rigid, resample_to
+from aslprep_lite.quant.registration import resample_to
 
 
 class _PrepareM0InputSpec(BaseInterfaceInputSpec):
-    plan = traits.Dict(mandatory=True, desc="RunPlan.as_dict() of the run")
     in_file = File(exists=True, mandatory=True, desc="motion-corrected ASL series")
     reference_file = File(exists=True, mandatory=True, desc="ASL reference image")
+    context = traits.List(traits.Str, mandatory=True, desc="volume type of each volume")
+    repetition_time = traits.List(traits.Float, desc="Included: TR of each volume, s")
+    m0_type = traits.Enum("Separate", "Included", "Estimate", "Absent", mandatory=True)
+    m0_file = File(exists=True, desc="Separate: the M0 scan")
+    m0_source = traits.Str(desc="Separate: the M0 scan as a BIDS URI, for the sidecar")
+    m0_matrix_file = File(
+        exists=True, desc="Separate: ASL-reference-to-M0 RAS matrix (.npy); none: headers only"
+    )
+    m0_repetition_time = traits.Float(desc="TR of the M0 (Separate, Included, Absent), s")
+    m0_estimate = traits.Float(desc="Estimate: M0Estimate")
+    field_strength = traits.Float(mandatory=True, desc="T, for the tissue T1")
+    has_deltam = traits.Bool(True, usedefault=True, desc="false: cbf-only series, no M0")
     m0_scale = traits.Float(1.0, usedefault=True, desc="multiplies the M0")
-    fwhm = traits.Float(5.0, usedefault=True, desc="smoothing FWHM (mm)")
-    seed = traits.Int(mandatory=True, desc="registration sampling seed")
-    n_threads = traits.Int(1, usedefault=True)
+    fwhm = traits.Float(5.0, usedefault=True, desc="smoothing FWHM (mm), voxelwise calibration")
+    calibration = traits.Enum("voxel", "csf", "wm", usedefault=True)
+    reference_mask = File(exists=True, desc="csf|wm: the reference region on the ASL grid")
+    echo_time = traits.Float(0.0, usedefault=True, desc="csf|wm: TE of the M0, s")
+    spin_echo = traits.Bool(False, usedefault=True, desc="csf|wm: T2 (true) or T2* decay")
+    asl_file = traits.Str(mandatory=True, desc="the raw ASL series, named in errors")
 
 
 class _PrepareM0OutputSpec(TraitedSpec):
@@ -43,62 +57,78 @@ class _PrepareM0OutputSpec(TraitedSpec):
     metadata = traits.Dict(desc="how the M0 was made, for the sidecars")
 
 
-def _volumes(series: np.ndarray, context: list[str], kind: str) -> np.ndarray:
+def _mean_of_type(series: np.ndarray, context: list[str], kind: str) -> np.ndarray:
     idx = [i for i, k in enumerate(context) if k == kind]
     return series[..., idx].mean(axis=3)
 
 
 class PrepareM0(SimpleInterface):
-    """Build the M0 image CBF is calibrated with (Alsop et al. 2015)."""
+    """Build the M0 image CBF is calibrated with (Alsop et al. 2015).
+
+    The acquired M0 comes from its source (by M0Type), is corrected for a short TR and scaled,
+    then either smoothed within the brain mask (voxelwise calibration) or replaced by the
+    reference region's arterial-blood M0 (``--m0-calibration csf|wm``).
+    """
 
     input_spec = _PrepareM0InputSpec
     output_spec = _PrepareM0OutputSpec
 
     def _run_interface(self, runtime):
-        plan = self.inputs.plan
-        series, img = load_image(self.inputs.in_file)
-        reference, _ = load_image(self.inputs.reference_file)
+        inputs = self.inputs
+        series, img = load_image(inputs.in_file)
+        reference, _ = load_image(inputs.reference_file)
         zooms = img.header.get_zooms()[:3]
-        context = plan["context"]
-        m0_type = plan["m0_type"]
-        meta: dict = {"M0Type": m0_type}
 
-        if not RunPlan(**plan).quantifies:  # cbf volumes only: the M0 step gives the mask
+        if not inputs.has_deltam:  # cbf volumes only: the M0 step gives the mask
             mask = brain_mask(reference, zooms)
-            meta = {"Source": "none: a series of cbf volumes needs no calibration"}
-            meta["BrainMask"] = "Otsu threshold of the mean cbf volume, largest component"
-            self._results["out_file"] = save_image(
-                np.zeros(mask.shape), img, os.path.join(runtime.cwd, "m0.nii")
-            )
-            self._results["mask_file"] = save_image(
-                mask, img, os.path.join(runtime.cwd, "mask.nii"), dtype=np.uint8
-            )
-            self._results["metadata"] = meta
+            meta = {
+                "Source": "none: a series of cbf volumes needs no calibration",
+                "BrainMask": "Otsu threshold of the mean cbf volume, largest component",
+            }
+            self._save(runtime, img, np.zeros(mask.shape), mask, meta)
             return runtime
 
-        if m0_type == "Separate":
-            m0_raw, m0_img = load_image(plan["m0_file"], what="M0")
-            if m0_raw.ndim == 4:
-                m0_raw = m0_raw.mean(axis=3)
-            _check_m0(m0_raw, plan["m0_file"])
-            if "control" in context or "label" in context:
-                try:
-                    matrix = register_rigid(
-                        reference,
-                        img.affine,
-                        m0_raw,
-                        m0_img.affine,
-                        metric="mi",
-                        seed=self.inputs.seed,
-                        n_threads=self.inputs.n_threads,
-                    )
-                except RuntimeError:  # ITK: no overlap, or no usable metric samples
-                    raise AslprepError(
-                        "cannot be aligned to the ASL reference (the images do not overlap "
-                        "in space): check that the M0 and the ASL series share a field of view "
-                        "and that their NIfTI affines are right",
-                        path=plan["m0_file"],
-                    ) from None
+        meta: dict = {"M0Type": inputs.m0_type}
+        acquired, mask_source = self._acquired_m0(series, img, reference, meta)
+        if acquired is not None:
+            mask = brain_mask(acquired, zooms)
+            m0 = acquired * self._tr_correction(meta)
+        else:  # M0Estimate: one value; the mask comes from the images there are
+            if "control" in inputs.context:
+                mask_source = "mean control"
+                base = _mean_of_type(series, inputs.context, "control")
+            else:
+                mask_source, base = "ASL reference", reference
+            mask = brain_mask(base, zooms)
+            m0 = np.full(series.shape[:3], inputs.m0_estimate, dtype=np.float64)
+            meta["M0Estimate"] = inputs.m0_estimate
+        if not mask.any():
+            raise AslprepError(
+                "no brain found in the M0/reference image (empty mask)", path=inputs.asl_file
+            )
+        m0 = m0 * inputs.m0_scale
+        meta["M0Scale"] = inputs.m0_scale
+        if inputs.calibration == "voxel":
+            m0 = smooth_within_mask(m0, mask, zooms, inputs.fwhm)
+            meta["SmoothingFWHM"] = {"Value": inputs.fwhm, "Units": "mm"}
+            meta["SmoothingMethod"] = "Gaussian, normalized within the brain mask"
+        else:
+            # (validation refuses M0Estimate here, so an acquired M0 image exists)
+            m0 = self._reference_calibration(runtime, img, acquired, mask, meta)
+        meta["BrainMask"] = (
+            f"Otsu threshold of the {mask_source} smoothed at 3 mm FWHM, largest component, "
+            "holes filled"
+        )
+        self._save(runtime, img, m0, mask, meta)
+        return runtime
+
+    def _acquired_m0(self, series, img, reference, meta) -> tuple[np.ndarray | None, str]:
+        """The M0 image as acquired, on the ASL grid (None for M0Estimate), and its name."""
+        inputs = self.inputs
+        if inputs.m0_type == "Separate":
+            m0_raw, m0_img = load_volume(inputs.m0_file, "M0")
+            if isdefined(inputs.m0_matrix_file):
+                matrix = np.load(inputs.m0_matrix_file)
                 meta["Registration"] = (
                     "rigid to the ASL reference (SimpleITK, Mattes mutual information), "
                     "one cubic B-spline resampling onto the ASL grid"
@@ -109,69 +139,58 @@ class PrepareM0(SimpleInterface):
                     "none (no control/label anatomy to register to): resampled onto the "
                     "ASL grid through the image headers"
                 )
-            m0 = resample_to(m0_raw, m0_img.affine, matrix, img.shape[:3], img.affine)
-            meta["Source"] = plan["source_files"][-1]
-        elif m0_type == "Included":
-            m0, trs = _included_m0(series, plan)
-            _check_m0(m0, plan["asl_file"])
+            meta["Source"] = inputs.m0_source
+            return resample_to(m0_raw, m0_img.affine, matrix, img.shape[:3], img.affine), "M0"
+        if inputs.m0_type == "Included":
+            m0, trs = included_m0(
+                series, inputs.context, inputs.repetition_time, inputs.field_strength
+            )
+            check_signal(m0, inputs.asl_file, "M0")
             meta["Source"] = "m0scan volumes of the motion-corrected ASL series"
             if len(set(trs)) > 1:
                 meta["M0VolumeRepetitionTimes"] = trs
-        elif m0_type == "Absent":
-            m0 = _volumes(series, context, "control")
+            return m0, "M0"
+        if inputs.m0_type == "Absent":
             meta["Source"] = "mean control image (no background suppression)"
-        else:
-            m0 = None
-            meta["Source"] = "M0Estimate (sidecar)"
+            return _mean_of_type(series, inputs.context, "control"), "mean control"
+        meta["Source"] = "M0Estimate (sidecar)"
+        return None, ""
 
-        if m0 is not None:
-            mask_source = "M0" if m0_type != "Absent" else "mean control"
-            mask = brain_mask(m0, zooms)
-            tissue_t1 = constants.tissue_t1(plan["field_strength"])
-            threshold = constants.scalar("m0_tr_threshold")
-            factor = tr_correction_factor(
-                plan["m0_repetition_time"], tissue_t1.value, threshold.value
-            )
-            meta["RepetitionTimePreparation"] = plan["m0_repetition_time"]
-            meta["TRCorrectionFactor"] = factor
-            if factor != 1.0:
-                meta["TissueT1"] = tissue_t1.as_json()
-            acquired = m0  # before the TR correction: the reference region applies its own T1
-            m0 = m0 * factor
-        else:
-            if "control" in context:
-                mask_source, base = "mean control", _volumes(series, context, "control")
-            else:
-                mask_source, base = "ASL reference", reference
-            mask = brain_mask(base, zooms)
-            m0 = np.full(series.shape[:3], plan["m0_estimate"], dtype=np.float64)
-            meta["M0Estimate"] = plan["m0_estimate"]
-        if not mask.any():
-            raise AslprepError(
-                "no brain found in the M0/reference image (empty mask)", path=plan["asl_file"]
-            )
-        m0 = m0 * self.inputs.m0_scale
-        meta["M0Scale"] = self.inputs.m0_scale
-        if plan["m0_calibration"] == "voxel":
-            m0 = smooth_within_mask(m0, mask, zooms, self.inputs.fwhm)
-            meta["SmoothingFWHM"] = {"Value": self.inputs.fwhm, "Units": "mm"}
-            meta["SmoothingMethod"] = "Gaussian, normalized within the brain mask"
-        else:
-            # (validation refuses M0Estimate here, so an acquired M0 image exists)
-            signal = acquired * self.inputs.m0_scale
-            reference = self._reference_mask(plan, signal, mask)
-            m0a, meta["ReferenceRegion"] = _reference_calibration(plan, signal, reference)
-            lam = constants.scalar("partition_coefficient").value
-            # CBF's voxelwise formula divides by M0/λ; a uniform λ·M0a makes that M0a.
-            m0 = np.where(mask, lam * m0a, 0.0)
-            self._results["reference_mask_file"] = save_image(
-                reference, img, os.path.join(runtime.cwd, "reference_mask.nii"), dtype=np.uint8
-            )
-        meta["BrainMask"] = (
-            f"Otsu threshold of the {mask_source} smoothed at 3 mm FWHM, largest component, "
-            "holes filled"
+    def _tr_correction(self, meta: dict) -> float:
+        """Saturation-recovery factor of the M0's TR, recorded in ``meta``."""
+        tissue_t1 = constants.tissue_t1(self.inputs.field_strength)
+        threshold = constants.scalar("m0_tr_threshold")
+        factor = tr_correction_factor(
+            self.inputs.m0_repetition_time, tissue_t1.value, threshold.value
         )
+        meta["RepetitionTimePreparation"] = self.inputs.m0_repetition_time
+        meta["TRCorrectionFactor"] = factor
+        if factor != 1.0:
+            meta["TissueT1"] = tissue_t1.as_json()
+        return factor
 
+    def _reference_calibration(self, runtime, img, acquired, mask, meta) -> np.ndarray:
+        """A uniform M0 from the reference region's arterial-blood M0 (asl_calib)."""
+        inputs = self.inputs
+        # the reference region applies its own T1: the M0 before the TR correction
+        signal = acquired * inputs.m0_scale
+        region = _reference_region(inputs.reference_mask, signal.shape)
+        m0a, meta["ReferenceRegion"] = _reference_calibration(
+            inputs.calibration,
+            signal,
+            region,
+            repetition_time=inputs.m0_repetition_time,
+            echo_time=inputs.echo_time,
+            spin_echo=inputs.spin_echo,
+        )
+        lam = constants.scalar("partition_coefficient").value
+        self._results["reference_mask_file"] = save_image(
+            region, img, os.path.join(runtime.cwd, "reference_mask.nii"), dtype=np.uint8
+        )
+        # CBF's voxelwise formula divides by M0/λ; a uniform λ·M0a makes that M0a.
+        return np.where(mask, lam * m0a, 0.0)
+
+    def _save(self, runtime, img, m0, mask, meta) -> None:
         self._results["out_file"] = save_image(
             m0, img, os.path.join(runtime.cwd, "m0.nii"), dtype=np.float32
         )
@@ -179,26 +198,29 @@ class PrepareM0(SimpleInterface):
             mask, img, os.path.join(runtime.cwd, "mask.nii"), dtype=np.uint8
         )
         self._results["metadata"] = meta
-        return runtime
-
-    @staticmethod
-    def _reference_mask(plan: dict, signal: np.ndarray, brain: np.ndarray) -> np.ndarray:
-        """The user's reference-region mask, on the ASL grid."""
-        path = plan["m0_reference_mask"]
-        given, _ = load_image(path, what="reference mask")
-        if given.shape[:3] != signal.shape:
-            raise AslprepError(
-                f"has shape {given.shape[:3]} but the ASL grid is {signal.shape}: "
-                "resample the mask onto the ASL image",
-                path=path,
-            )
-        reference = given.reshape(signal.shape) > 0
-        if not reference.any():
-            raise AslprepError("the reference-region mask is empty", path=path)
-        return reference
 
 
-def _included_m0(series: np.ndarray, plan: dict) -> tuple[np.ndarray, list[float]]:
+def _reference_region(path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The user's reference-region mask, on the ASL grid."""
+    given, _ = load_image(path, what="reference mask")
+    if given.shape[:3] != shape:
+        raise AslprepError(
+            f"has shape {given.shape[:3]} but the ASL grid is {shape}: "
+            "resample the mask onto the ASL image",
+            path=path,
+        )
+    region = given.reshape(shape) > 0
+    if not region.any():
+        raise AslprepError("the reference-region mask is empty", path=path)
+    return region
+
+
+def included_m0(
+    series: np.ndarray,
+    context: list[str],
+    repetition_time: list[float],
+    field_strength: float,
+) -> tuple[np.ndarray, list[float]]:
     """Mean of the m0scan volumes, each first brought to the longest TR's saturation.
 
     Volumes acquired at different TRs recover to different fractions of M0; averaging them
@@ -206,26 +228,33 @@ def _included_m0(series: np.ndarray, plan: dict) -> tuple[np.ndarray, list[float
     one volume at TR 2 s beside one at 8 s). Each volume is scaled by its own saturation
     factor relative to the longest TR's; the correction for that TR then applies to all.
     """
-    indices = [i for i, kind in enumerate(plan["context"]) if kind == "m0scan"]
-    trs = [float(plan["repetition_time"][i]) for i in indices]
-    t1 = constants.tissue_t1(plan["field_strength"]).value
+    indices = [i for i, kind in enumerate(context) if kind == "m0scan"]
+    trs = [float(repetition_time[i]) for i in indices]
+    t1 = constants.tissue_t1(field_strength).value
     threshold = constants.scalar("m0_tr_threshold").value
     longest = tr_correction_factor(max(trs), t1, threshold)
     weights = np.array([tr_correction_factor(tr, t1, threshold) / longest for tr in trs])
     return (series[..., indices] * weights).mean(axis=3), trs
 
 
-def _reference_calibration(plan: dict, signal: np.ndarray, reference: np.ndarray):
+def _reference_calibration(
+    tissue: str,
+    signal: np.ndarray,
+    reference: np.ndarray,
+    *,
+    repetition_time: float,
+    echo_time: float,
+    spin_echo: bool,
+):
     """M0a from the reference region, and the sidecar record of how it was computed."""
-    tissue = plan["m0_calibration"]
     table = constants.table()
     values = table["reference_tissue"]["values"][tissue]
-    echo = "t2" if plan["spin_echo"] else "t2star"
+    echo = "t2" if spin_echo else "t2star"
     mean_signal = float(signal[reference].mean())
     m0a = reference_region_m0(
         mean_signal,
-        repetition_time=plan["m0_repetition_time"],
-        echo_time=plan["echo_time"],
+        repetition_time=repetition_time,
+        echo_time=echo_time,
         t1_reference=values["t1"],
         t2_reference=values[echo],
         partition_coefficient=values["partition_coefficient"],
@@ -236,8 +265,8 @@ def _reference_calibration(plan: dict, signal: np.ndarray, reference: np.ndarray
         "Tissue": tissue,
         "Voxels": int(reference.sum()),
         "MeanSignal": mean_signal,
-        "RepetitionTime": plan["m0_repetition_time"],
-        "EchoTime": plan["echo_time"],
+        "RepetitionTime": repetition_time,
+        "EchoTime": echo_time,
         "ReferenceT1": values["t1"],
         ("ReferenceT2" if echo == "t2" else "ReferenceT2Star"): values[echo],
         "ReferencePartitionCoefficient": values["partition_coefficient"],
@@ -249,11 +278,3 @@ def _reference_calibration(plan: dict, signal: np.ndarray, reference: np.ndarray
         ),
     }
     return m0a, record
-
-
-def _check_m0(m0: np.ndarray, path: str) -> None:
-    """An M0 with no finite positive signal would give infinite or zero CBF."""
-    if not np.isfinite(m0).all():
-        raise AslprepError("M0 contains NaN or infinite values: re-export it", path=path)
-    if not float(m0.max()) > 0:
-        raise AslprepError("M0 has no positive signal (all zeros?): check the file", path=path)

@@ -7,7 +7,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import nibabel as nb
 import numpy as np
@@ -16,32 +15,32 @@ from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
 from aslprep_lite import __version__
-from aslprep_lite.bids import RunPlan
+from aslprep_lite.bids.derivatives import ASL_DERIVATIVES, BY_KEY, compose_sidecar
 from aslprep_lite.images import save_image
 
 STAGING = ".aslprep_lite-staging"
 
 
 class _WriteInputSpec(BaseInterfaceInputSpec):
-    plan = traits.Dict(mandatory=True, desc="RunPlan.as_dict() of the run")
     output_dir = traits.Str(mandatory=True, desc="root of the derivatives dataset")
-    cbf = File(exists=True, mandatory=True)
-    cbf_timeseries = File(exists=True, desc="single-delay runs only")
-    mean_deltam = File(desc="absent for cbf-only series")
-    m0 = File(exists=True, mandatory=True)
-    mask = File(exists=True, mandatory=True)
-    confounds = File(exists=True, mandatory=True)
+    out_dir = traits.Str(mandatory=True, desc="the run's folder, relative to output_dir")
+    prefix = traits.Str(mandatory=True, desc="the run's entities, e.g. sub-01_ses-1")
+    keys = traits.List(traits.Str, mandatory=True, desc="derivatives to write (output spec)")
+    sources = traits.List(traits.Str, mandatory=True, desc="BIDS URIs of the raw inputs")
+    parameters = traits.Dict(mandatory=True, desc="ProcessingParameters of every sidecar")
     cbf_metadata = traits.Dict(mandatory=True)
     m0_metadata = traits.Dict(mandatory=True)
     confounds_metadata = traits.Dict(mandatory=True)
-    settings = traits.Dict(mandatory=True, desc="processing settings recorded in sidecars")
-    maps = traits.Dict(desc="{suffix: file} of further parameter maps (multi-delay fit)")
-    maps_metadata = traits.Dict(desc="{suffix: sidecar} of those maps")
-    m0_reference_mask = File(desc="reference region of --m0-calibration csf|wm")
+    maps_metadata = traits.Dict(desc="{key: sidecar fields} of the multi-delay maps")
+
+
+for _derivative in ASL_DERIVATIVES:  # one file input per derivative of the output spec
+    _WriteInputSpec.add_class_trait(_derivative.key, File(exists=True))
 
 
 class _WriteOutputSpec(TraitedSpec):
@@ -51,91 +50,39 @@ class _WriteOutputSpec(TraitedSpec):
 class WriteDerivatives(SimpleInterface):
     """Stage every file of a run in a private folder, then move them into place.
 
-    A crash before the move leaves the derivatives untouched; the move replaces the run's
-    previous outputs and removes those of its files that this version no longer writes.
+    What is written, under which name, with which data type and sidecar, is the output
+    specification's (:mod:`aslprep_lite.bids.derivatives`). A crash before the move leaves
+    the derivatives untouched; the move replaces the run's previous outputs and removes those
+    of its files that this version no longer writes.
     """
 
     input_spec = _WriteInputSpec
     output_spec = _WriteOutputSpec
 
     def _run_interface(self, runtime):
-        plan = self.inputs.plan
-        root = Path(self.inputs.output_dir)
-        target = root / plan["out_dir"]
-        prefix = plan["prefix"]
-        sources = plan["source_files"]
-        processing = {
-            "SoftwareName": "aslprep_lite",
-            "SoftwareVersion": __version__,
-            **self.inputs.settings,
+        inputs = self.inputs
+        root = Path(inputs.output_dir)
+        target = root / inputs.out_dir
+        prefix = inputs.prefix
+        records = {
+            "quantification": inputs.cbf_metadata,
+            "m0": inputs.m0_metadata,
+            "confounds": inputs.confounds_metadata,
+            "maps": inputs.maps_metadata if isdefined(inputs.maps_metadata) else {},
         }
-        quant = self.inputs.cbf_metadata
-        m0_meta = self.inputs.m0_metadata
-
-        files: dict[str, tuple[str, np.dtype | None, dict[str, Any]]] = {
-            "cbf.nii.gz": (
-                self.inputs.cbf,
-                np.float32,
-                {
-                    "Units": "mL/100 g/min",
-                    "Description": "Mean cerebral blood flow",
-                    **quant,  # a multi-delay fit brings its own Description
-                    "M0": m0_meta,
-                },
-            ),
-            "desc-brain_mask.nii.gz": (
-                self.inputs.mask,
-                np.uint8,
-                {"Type": "Brain", "Description": m0_meta.get("BrainMask", "")},
-            ),
-            "desc-confounds_timeseries.tsv": (
-                self.inputs.confounds,
-                None,
-                self.inputs.confounds_metadata,
-            ),
+        provenance = {
+            "Sources": list(inputs.sources),
+            "ProcessingParameters": {
+                "SoftwareName": "aslprep_lite",
+                "SoftwareVersion": __version__,
+                **inputs.parameters,
+            },
         }
-        if RunPlan(**plan).quantifies:
-            files["desc-preproc_m0scan.nii.gz"] = (
-                self.inputs.m0,
-                np.float32,
-                {
-                    "Units": "arbitrary",
-                    "Description": "Calibration M0 as used for CBF (corrected, scaled, smoothed)",
-                    **m0_meta,
-                },
-            )
-        if self.inputs.cbf_timeseries:
-            files["desc-timeseries_cbf.nii.gz"] = (
-                self.inputs.cbf_timeseries,
-                np.float32,
-                {
-                    "Units": "mL/100 g/min",
-                    "Description": "Cerebral blood flow of each ΔM volume",
-                    **quant,
-                    "M0": m0_meta,
-                },
-            )
-        for suffix, src in (self.inputs.maps or {}).items():
-            dtype = np.uint8 if suffix.endswith("_mask.nii.gz") else np.float32
-            files[suffix] = (src, dtype, self.inputs.maps_metadata[suffix])
-        if self.inputs.m0_reference_mask:
-            files["desc-m0reference_mask.nii.gz"] = (
-                self.inputs.m0_reference_mask,
-                np.uint8,
-                {
-                    "Type": m0_meta["ReferenceRegion"]["Tissue"].upper(),
-                    "Description": "Reference region of the M0 calibration",
-                },
-            )
-        if self.inputs.mean_deltam:
-            files["desc-mean_deltam.nii.gz"] = (
-                self.inputs.mean_deltam,
-                np.float32,
-                {
-                    "Units": "arbitrary",
-                    "Description": "Mean control − label difference (ΔM), motion corrected",
-                },
-            )
+        files = [
+            (BY_KEY[key], getattr(inputs, key))
+            for key in inputs.keys
+            if isdefined(getattr(inputs, key))
+        ]
 
         root.mkdir(parents=True, exist_ok=True)
         staging_root = root / STAGING
@@ -143,20 +90,16 @@ class WriteDerivatives(SimpleInterface):
         staging = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=staging_root))
         written = []
         try:
-            for suffix, (src, dtype, sidecar) in files.items():
-                name = f"{prefix}_{suffix}"
-                if dtype is None:
+            for derivative, src in files:
+                name = derivative.filename(prefix)
+                if derivative.dtype is None:
                     shutil.copyfile(src, staging / name)
-                    json_name = name[: -len(".tsv")] + ".json"
                 else:
                     img = nb.load(src)
-                    save_image(np.asanyarray(img.dataobj), img, staging / name, dtype=dtype)
-                    json_name = name[: -len(".nii.gz")] + ".json"
-                sidecar = {
-                    **sidecar,
-                    "Sources": sources,
-                    "ProcessingParameters": processing,
-                }
+                    data = np.asanyarray(img.dataobj)
+                    save_image(data, img, staging / name, dtype=np.dtype(derivative.dtype).type)
+                json_name = derivative.sidecar_name(prefix)
+                sidecar = compose_sidecar(derivative, records, provenance)
                 (staging / json_name).write_text(
                     json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
                 )
@@ -173,7 +116,5 @@ class WriteDerivatives(SimpleInterface):
                 staging_root.rmdir()
             except OSError:
                 pass  # another run is still staging
-        self._results["out_files"] = [
-            str(Path(plan["out_dir"]) / name) for name in sorted(written)
-        ]
+        self._results["out_files"] = [str(Path(inputs.out_dir) / name) for name in sorted(written)]
         return runtime

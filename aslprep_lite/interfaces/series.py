@@ -21,7 +21,9 @@ LOGGER = logging.getLogger("aslprep_lite")
 
 
 class _LoadAslSeriesInputSpec(BaseInterfaceInputSpec):
-    plan = traits.Dict(mandatory=True, desc="RunPlan.as_dict() of the run")
+    in_file = File(exists=True, mandatory=True, desc="the raw ASL series (read, never written)")
+    n_volumes = traits.Int(mandatory=True, desc="volumes the aslcontext lists")
+    dummy_scans = traits.Int(0, usedefault=True, desc="volumes dropped from the start")
 
 
 class _LoadAslSeriesOutputSpec(TraitedSpec):
@@ -35,15 +37,13 @@ class LoadAslSeries(SimpleInterface):
     output_spec = _LoadAslSeriesOutputSpec
 
     def _run_interface(self, runtime):
-        plan = self.inputs.plan
-        path = plan["asl_file"]
+        path = self.inputs.in_file
         data, img = load_image(path, what="ASL series")
-        if data.ndim != 4 or data.shape[3] != plan["n_source_volumes"]:
+        if data.ndim != 4 or data.shape[3] != self.inputs.n_volumes:
             raise AslprepError(
-                f"has shape {data.shape}; expected {plan['n_source_volumes']} volumes",
-                path=path,
+                f"has shape {data.shape}; expected {self.inputs.n_volumes} volumes", path=path
             )
-        data = data[..., plan["dummy_scans"] :]
+        data = data[..., self.inputs.dummy_scans :]
         finite = np.isfinite(data)
         if not finite.any():
             raise AslprepError("contains no finite values (all NaN/inf)", path=path)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from aslprep_lite.quant import constants
+
 #: mL/g/s -> mL/100 g/min
 UNIT_CONVERSION = 6000.0
 
@@ -151,6 +153,40 @@ def pasl_cbf(
     numerator = UNIT_CONVERSION * partition_coefficient * deltam * np.exp(ti / t1_blood)
     denominator = 2.0 * labeling_efficiency * bolus * m0
     return _safe_ratio(numerator, denominator)
+
+
+def bolus_durations(
+    asl_type: str,
+    delay: ArrayLike,
+    labeling_duration: ArrayLike | None,
+    bolus_cutoff_technique: str | None = None,
+    bolus_cutoff_delay: ArrayLike | None = None,
+) -> NDArray[np.float64]:
+    """Temporal width of the labeled bolus (s) at each ``delay``.
+
+    PCASL/CASL: the labeling duration τ. PASL: :func:`pasl_bolus_duration` of the bolus
+    cut-off, broadcast against ``delay`` (per volume, or per slice and volume for 2D).
+    """
+    delay = np.asarray(delay, dtype=np.float64)
+    if asl_type == "PASL":
+        width = pasl_bolus_duration(bolus_cutoff_technique, delay, bolus_cutoff_delay)
+        return np.array(np.broadcast_to(width, delay.shape))
+    return np.asarray(labeling_duration, dtype=np.float64)
+
+
+def finite_or_zero(values: ArrayLike) -> NDArray:
+    """``values`` (dtype kept) with NaN and ±inf set to 0: undefined values never reach outputs."""
+    return np.nan_to_num(np.asarray(values), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def plausibility_warnings(cbf: ArrayLike, mask: ArrayLike) -> list[str]:
+    """The quality warnings of a CBF map: its median in the mask against the plausible range.
+
+    The range is ``plausible_cbf`` of the constants table (see :func:`implausible_cbf`).
+    """
+    bounds = constants.table()["plausible_cbf"]["values"]
+    warning = implausible_cbf(cbf, mask, bounds["low"], bounds["high"])
+    return [warning] if warning else []
 
 
 def implausible_cbf(cbf: ArrayLike, mask: ArrayLike, low: float, high: float) -> str | None:

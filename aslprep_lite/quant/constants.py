@@ -104,3 +104,35 @@ def labeling_efficiency(
             f" ({per_pulse.source})"
         )
     return Constant(alpha, "1", source)
+
+
+def quantification_record(
+    *,
+    field_strength: float,
+    asl_type: str,
+    labeling_efficiency_given: float | None,
+    background_suppression: bool,
+    bs_pulses: int,
+) -> dict[str, Any]:
+    """The constants a run is quantified with, each with its value, units and source.
+
+    This is the ``Quantification`` block of the CBF sidecars, and what the CBF nodes read
+    their constants from.
+    """
+    alpha = labeling_efficiency(
+        asl_type,
+        given=labeling_efficiency_given,
+        background_suppression=background_suppression,
+        bs_pulses=bs_pulses,
+    )
+    record: dict[str, Any] = {
+        "PartitionCoefficient": scalar("partition_coefficient").as_json(),
+        "BloodT1": blood_t1(field_strength).as_json(),
+        "LabelingEfficiency": alpha.as_json(),
+        "UnitConversion": scalar("unit_conversion").as_json(),
+    }
+    cited = " ".join(entry["Source"] for entry in record.values()) + " Alsop2015"
+    record["References"] = {
+        key: text for key, text in sorted(table()["references"].items()) if key in cited
+    }
+    return record

@@ -17,9 +17,9 @@ def init_confounds_wf(name: str = "confounds_wf"):
         ``.npy`` of (T, 4, 4) RAS matrices from the head-motion correction.
     reference
         Reference image (its centre is the centre of rotation).
-    note
+    hmc_summary
         Head-motion correction summary, recorded in the sidecar.
-    skipped
+    hmc_skipped
         True when nothing was registered: the table is then all ``n/a``.
 
     Outputs
@@ -36,7 +36,8 @@ def init_confounds_wf(name: str = "confounds_wf"):
         "consecutive volumes (Jenkinson et al. 2002)."
     )
     inputnode = pe.Node(
-        IdentityInterface(fields=["transforms", "reference", "note", "skipped"]), name="inputnode"
+        IdentityInterface(fields=["transforms", "reference", "hmc_summary", "hmc_skipped"]),
+        name="inputnode",
     )
     outputnode = pe.Node(
         IdentityInterface(fields=["confounds_file", "confounds_metadata"]), name="outputnode"
@@ -46,8 +47,8 @@ def init_confounds_wf(name: str = "confounds_wf"):
         (inputnode, confounds, [
             ("transforms", "transforms_file"),
             ("reference", "reference_file"),
-            ("note", "note"),
-            ("skipped", "skipped"),
+            ("hmc_summary", "hmc_summary"),
+            ("hmc_skipped", "hmc_skipped"),
         ]),
         (confounds, outputnode, [
             ("out_file", "confounds_file"),

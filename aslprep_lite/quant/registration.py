@@ -57,6 +57,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from aslprep_lite.config import RANDOM_SEED
+
 __all__ = [
     "MotionEstimate",
     "estimate_motion",
@@ -84,7 +86,6 @@ _REFERENCE_ORDER = ("control", "label", "m0scan", "noRF")
 _PERFUSION_PAIR = frozenset({"control", "label"})
 
 _FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS, its own inverse
-_SEED = 20240
 _METRICS = ("mi", "correlation")
 
 
@@ -343,7 +344,7 @@ def register_rigid(
     moving_affine: np.ndarray,
     *,
     metric: str = "mi",
-    seed: int = _SEED,
+    seed: int = RANDOM_SEED,
     n_threads: int = 1,
 ) -> np.ndarray:
     """Rigidly register one 3D image to another (grids may differ).
@@ -487,7 +488,7 @@ def estimate_motion(
     affine: np.ndarray,
     context: Sequence[str],
     *,
-    seed: int = _SEED,
+    seed: int = RANDOM_SEED,
     n_threads: int = 1,
 ) -> MotionEstimate:
     """Estimate rigid head motion of an ASL series, one volume type at a time.

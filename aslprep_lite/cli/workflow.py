@@ -1,0 +1,133 @@
+"""Building and running the nipype graph of a participant-level run.
+
+nipype's configuration, the choice of its execution plugin, the methods boilerplate, the
+quality warnings the runs wrote and the check that every run left all its outputs. nipype and
+the workflows are imported only when a graph is run, so that ``--help`` and ``--dry-run`` stay
+fast; the command line (:mod:`aslprep_lite.cli.run`) sets ``NIPYPE_NO_ET`` before that.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aslprep_lite import __version__
+from aslprep_lite.cli.crashes import crash_messages
+from aslprep_lite.config import Settings
+
+if TYPE_CHECKING:
+    from aslprep_lite.bids.asl_run import AslRun
+
+LOGGER = logging.getLogger("aslprep_lite")
+
+
+def _configure_nipype(settings: Settings, crash_dir: Path) -> None:
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    nipype_level = "INFO" if settings.execution.verbosity >= 2 else "CRITICAL"
+    nipype_config.update_config(
+        {
+            "execution": {
+                "crashdump_dir": str(crash_dir),
+                "crashfile_format": "txt",
+                "stop_on_first_crash": settings.execution.stop_on_first_crash,
+                "hash_method": "content",
+                "remove_unnecessary_outputs": False,
+                "check_version": False,
+                "create_report": False,
+                "parameterize_dirs": False,
+                # nipype polls for finished jobs every 2 s by default: most of a small run.
+                "poll_sleep_duration": 0.05,
+            },
+            "logging": {
+                "workflow_level": nipype_level,
+                "interface_level": nipype_level,
+                "utils_level": nipype_level,
+            },
+            "monitoring": {"enabled": False},
+        }
+    )
+    nipype_logging.update_logging(nipype_config)
+
+
+def run_participants(settings: Settings, runs: Sequence[AslRun]) -> list[tuple[str, str]]:
+    """Build and run the nipype graph; return ``(asl_file, reason)`` for each failed run.
+
+    Parameters
+    ----------
+    settings : Settings
+        The run's settings (output and work directories, plugin, processes, memory, ...).
+    runs : Sequence[AslRun]
+        The validated runs to process, one workflow each in one graph.
+
+    Returns
+    -------
+    list[tuple[str, str]]
+        For each run that failed or did not write all its outputs, its ASL file and the
+        one-line reason (from the crash files, or ``"processing stopped before outputs"``).
+    """
+    from aslprep_lite.bids.derivatives import planned_paths
+    from aslprep_lite.workflows.asl.base import run_workflow_name
+    from aslprep_lite.workflows.base import collect_boilerplate, init_aslprep_lite_wf
+
+    crash_dir = settings.execution.work_dir / "crashes"
+    shutil.rmtree(crash_dir, ignore_errors=True)
+    crash_dir.mkdir(parents=True, exist_ok=True)
+    _configure_nipype(settings, crash_dir)
+    workflow = init_aslprep_lite_wf(settings, runs)
+    _write_boilerplate(settings, collect_boilerplate(workflow))
+
+    execution = settings.execution
+    if execution.plugin:
+        plugin, plugin_args = execution.plugin, dict(execution.plugin_args)
+    else:
+        plugin = "Linear" if execution.nprocs == 1 else "MultiProc"
+        plugin_args = {"n_procs": execution.nprocs, "raise_insufficient": False}
+        if execution.mem_gb:
+            plugin_args["memory_gb"] = execution.mem_gb
+    try:
+        workflow.run(plugin=plugin, plugin_args=plugin_args)
+    except RuntimeError as err:
+        if "did not execute cleanly" not in str(err) and not list(crash_dir.glob("crash-*")):
+            raise
+    messages = crash_messages(crash_dir)
+    failures = []
+    output_dir = settings.outputs.output_dir
+    for run in runs:
+        _report_quality_warnings(output_dir, run)
+        name = run_workflow_name(run)
+        reasons = [msg for node, msg in messages.items() if f".{name}." in f".{node}."]
+        planned = planned_paths(run, settings.quantification)
+        missing = [f for f in planned if not (output_dir / f).exists()]
+        if reasons or missing:
+            failures.append(
+                (run.asl_file, reasons[0] if reasons else "processing stopped before outputs")
+            )
+    return failures
+
+
+def _report_quality_warnings(output_dir: Path, run: AslRun) -> None:
+    """Print the quality warnings a run wrote into its CBF sidecar (they must not go unseen)."""
+    sidecar = output_dir / run.out_dir / f"{run.prefix}_cbf.json"
+    if sidecar.is_file():
+        for warning in json.loads(sidecar.read_text()).get("QualityWarnings", []):
+            LOGGER.warning("%s: %s", sidecar, warning)
+
+
+def _write_boilerplate(settings: Settings, paragraphs: Sequence[str]) -> None:
+    from aslprep_lite.images import write_atomic_text
+    from aslprep_lite.quant.constants import table
+
+    references = "\n".join(f"- {text}" for _, text in sorted(table()["references"].items()))
+    text = (
+        "# Methods\n\nResults included in this manuscript come from preprocessing performed "
+        f"using aslprep_lite {__version__}, which is based on nipype.\n\n"
+        + "\n\n".join(paragraphs)
+        + f"\n\n## References\n\n{references}\n"
+    )
+    write_atomic_text(settings.outputs.output_dir / "logs" / "CITATION.md", text)

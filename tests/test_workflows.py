@@ -1,0 +1,218 @@
+"""Graph construction (built, not run), the methods text of every branch, node caching."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from nipype.pipeline import engine as pe
+
+from aslprep_lite.bids.derivatives import ASL_DERIVATIVES, BY_KEY, planned_derivatives
+from aslprep_lite.bids.discovery import discover
+from aslprep_lite.cli.run import main
+from aslprep_lite.config import QuantificationOptions
+from aslprep_lite.synthetic import SyntheticSpec, write_dataset
+from aslprep_lite.workflows.asl.base import init_asl_wf
+from aslprep_lite.workflows.asl.fit import m0_methods
+from aslprep_lite.workflows.base import collect_boilerplate
+
+MULTI_PLD = (0.5, 1.0, 1.5, 2.0)
+#: One small run per branch the graph takes: single/multi-delay × M0Type (× 2D readout).
+SMALL = {"shape": (12, 12, 6), "n_pairs": 2}
+CASES = {
+    "separate": SyntheticSpec(subject="separate", **SMALL),
+    "included": SyntheticSpec(subject="included", m0_type="Included", **SMALL),
+    "estimate": SyntheticSpec(subject="estimate", m0_type="Estimate", **SMALL),
+    "absent": SyntheticSpec(subject="absent", m0_type="Absent", **SMALL),
+    "multi": SyntheticSpec(subject="multi", shape=(12, 12, 6), n_pairs=1, plds=MULTI_PLD),
+    "multi2d": SyntheticSpec(
+        subject="multi2d", shape=(12, 12, 6), n_pairs=1, plds=MULTI_PLD, slice_timing=True,
+        m0_type="Included", background_suppression=True, bs_pulses=3,
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("graphs")
+    write_dataset(root, list(CASES.values()))
+    discovery = discover(root)
+    assert not discovery.failures
+    return {run.subject: run for run in discovery.runs}
+
+
+def _nodes(workflow: pe.Workflow) -> set[str]:
+    """Dotted node names inside the run workflow."""
+    return set(workflow.list_node_names())
+
+
+def _build(run, **options):
+    options = QuantificationOptions(**options)
+    workflow = init_asl_wf(run, options, output_dir="/nonexistent", omp_nthreads=1)
+    return workflow, options
+
+
+@pytest.mark.parametrize(
+    ("subject", "calibration"),
+    # validation refuses reference-region calibration without an M0 image (Estimate)
+    [(s, c) for s in CASES for c in ("voxel", "csf") if not (s == "estimate" and c == "csf")],
+)
+def test_graph_builds_for_every_branch(runs, subject, calibration, tmp_path):
+    run = runs[subject]
+    mask = tmp_path / "csf.nii.gz"
+    mask.write_bytes(b"")
+    workflow, options = _build(
+        run,
+        m0_calibration=calibration,
+        m0_reference_mask=str(mask) if calibration != "voxel" else None,
+    )
+    nodes = _nodes(workflow)
+    assert {"load_series", "hmc_wf.estimate", "m0_wf.prepare_m0", "cbf_wf.deltam"} <= nodes
+    assert "outputs_wf.write_derivatives" in nodes
+    # the M0 is registered only when it is a separate scan
+    assert ("m0_wf.align_m0" in nodes) == (run.m0_type == "Separate")
+    # one quantification node, the one for the number of delays
+    assert ("cbf_wf.kinetic_fit" in nodes) == run.is_multidelay
+    assert ("cbf_wf.cbf" in nodes) == (not run.is_multidelay)
+    # the writer writes exactly the planned derivatives
+    write = workflow.get_node("outputs_wf.write_derivatives")
+    assert write.inputs.keys == [d.key for d in planned_derivatives(run, options)]
+    assert ("m0_reference_mask" in write.inputs.keys) == (calibration != "voxel")
+    # no node input carries a whole run record: every input is a plain, narrow value
+    for name in workflow.list_node_names():
+        node = workflow.get_node(name)
+        for trait, value in node.inputs.get().items():
+            assert trait != "plan"
+            assert not (isinstance(value, dict) and "asl_file" in value), (name, trait)
+
+
+def test_options_reach_only_the_nodes_that_use_them(runs):
+    single, _ = _build(runs["separate"], att_prior="none", smooth_kernel=3.0)
+    # a single-delay graph hashes no multi-delay option anywhere
+    for name in single.list_node_names():
+        inputs = single.get_node(name).inputs.get()
+        assert "att_prior" not in inputs and "att_method" not in inputs
+    parameters = single.get_node("outputs_wf.write_derivatives").inputs.parameters
+    assert parameters == {
+        "M0Scale": 1.0,
+        "M0SmoothingFWHM": 3.0,
+        "DummyScans": 0,
+        "M0Calibration": "voxel",
+        "RandomSeed": 20240,
+    }
+    assert single.get_node("m0_wf.prepare_m0").inputs.fwhm == 3.0
+    multi, _ = _build(runs["multi"], att_prior="none")
+    assert multi.get_node("cbf_wf.kinetic_fit").inputs.att_prior == "none"
+    parameters = multi.get_node("outputs_wf.write_derivatives").inputs.parameters
+    assert parameters["ATTPrior"] == "none" and parameters["ATTMethod"] == "fit"
+
+
+def test_output_spec_names():
+    assert BY_KEY["cbf"].filename("sub-01") == "sub-01_cbf.nii.gz"
+    assert BY_KEY["mask"].filename("sub-01_ses-1") == "sub-01_ses-1_desc-brain_mask.nii.gz"
+    assert BY_KEY["confounds"].sidecar_name("sub-01") == "sub-01_desc-confounds_timeseries.json"
+    # the entities fMRIPrep orders as space, res, desc
+    in_template = BY_KEY["cbf_stderr"].__class__(
+        "x", "cbf", desc="stderr", space="MNI152NLin2009aSym", res="2"
+    )
+    assert in_template.filename("sub-01") == (
+        "sub-01_space-MNI152NLin2009aSym_res-2_desc-stderr_cbf.nii.gz"
+    )
+    assert len({d.key for d in ASL_DERIVATIVES}) == len(ASL_DERIVATIVES)
+
+
+def _methods(run, **options) -> str:
+    workflow, _ = _build(run, **options)
+    top = pe.Workflow(name="top")
+    subject = pe.Workflow(name="sub_wf")
+    subject.add_nodes([workflow])
+    top.add_nodes([subject])
+    return "\n\n".join(collect_boilerplate(top))
+
+
+def test_methods_in_processing_order(runs):
+    text = _methods(runs["separate"])
+    order = ["Head motion was estimated", "The calibration M0", "Cerebral blood flow was", "Six"]
+    assert [text.index(p) for p in order] == sorted(text.index(p) for p in order)
+
+
+def test_methods_follow_m0_type(runs):
+    assert "separately acquired M0 scan, rigidly aligned" in _methods(runs["separate"])
+    included = _methods(runs["included"])
+    assert "M0 volumes of the ASL series" in included
+    assert "M0Estimate" in _methods(runs["estimate"])
+    absent = _methods(runs["absent"])
+    assert "mean control image, acquired without background suppression" in absent
+    assert "smoothed with a Gaussian kernel of 5 mm FWHM" in absent
+
+
+def test_methods_follow_calibration_and_smoothing(runs, tmp_path):
+    mask = tmp_path / "csf.nii.gz"
+    mask.write_bytes(b"")
+    csf = _methods(runs["separate"], m0_calibration="csf", m0_reference_mask=str(mask))
+    assert "reference region of cerebrospinal fluid" in csf
+    assert "smoothed" not in csf.split("The brain mask")[0]  # no voxelwise smoothing then
+    assert "It was not smoothed." in _methods(runs["separate"], smooth_kernel=0.0)
+    assert "M0 scale factor 10" in _methods(runs["separate"], m0_scale=10.0)
+    assert "M0 scale factor" not in _methods(runs["separate"])
+
+
+def test_methods_follow_delays_readout_and_background_suppression(runs):
+    single = _methods(runs["separate"])
+    assert "single-compartment model recommended by the ASL consensus" in single
+    assert "general kinetic model" not in single and "2D readout" not in single
+    multi2d = _methods(runs["multi2d"])
+    assert "multi-delay acquisition (4 delays)" in multi2d
+    assert "general kinetic model (Buxton et al. 1998)" in multi2d
+    assert "Gaussian prior per voxel" in multi2d
+    assert "For the 2D readout the delay of each slice" in multi2d
+    assert "3 background-suppression inversion pulses" in multi2d
+    assert "background-suppression" not in single
+    assert "Gaussian prior" not in _methods(runs["multi2d"], att_prior="none")
+    assert "weighted mean delay" in _methods(runs["multi2d"], att_method="weighted-delay")
+
+
+def test_m0_methods_tr_correction():
+    common = {"m0_type": "Separate", "registered": True, "m0_scale": 1.0, "fwhm": 5.0}
+    short = m0_methods(m0_repetition_time=4.0, calibration="voxel", **common)
+    assert "repetition time of 4 s (below 5 s), it was divided by 1 − exp(−TR/T1" in short
+    assert "no saturation correction" in m0_methods(
+        m0_repetition_time=6.0, calibration="voxel", **common
+    )
+
+
+def _result_mtimes(work: Path) -> dict[str, float]:
+    """Modification time of every node's result file: rewritten only when a node reruns."""
+    return {
+        str(path.relative_to(work)): path.stat().st_mtime_ns
+        for path in work.rglob("result_*.pklz")
+    }
+
+
+def test_changed_options_rerun_only_the_nodes_that_use_them(tmp_path):
+    """Same work directory: --att-prior on single-delay data reruns nothing, and
+    --smooth-kernel reruns the M0 step and what follows, never head-motion estimation."""
+    bids, out, work = tmp_path / "bids", tmp_path / "out", tmp_path / "work"
+    write_dataset(bids, [SyntheticSpec(subject="01", shape=(16, 16, 8), n_pairs=3)])
+    args = [str(bids), str(out), "participant", "-w", str(work), "--nprocs", "1"]
+    assert main(args) == 0
+    first = _result_mtimes(work)
+    assert any("hmc_wf/estimate" in name for name in first)
+    cbf_sidecar = (out / "sub-01" / "perf" / "sub-01_cbf.json").read_bytes()
+
+    assert main([*args, "--att-prior", "none"]) == 0
+    assert _result_mtimes(work) == first  # no node ran again
+    assert (out / "sub-01" / "perf" / "sub-01_cbf.json").read_bytes() == cbf_sidecar
+
+    assert main([*args, "--smooth-kernel", "3"]) == 0
+    third = _result_mtimes(work)
+    rerun = {name for name in third if third[name] != first.get(name)}
+    assert not any("hmc_wf" in name or "load_series" in name for name in rerun)
+    assert any("prepare_m0" in name for name in rerun)
+    assert not any("align_m0" in name for name in rerun)
+    assert any("write_derivatives" in name for name in rerun)
+    smoothing = json.loads((out / "sub-01" / "perf" / "sub-01_cbf.json").read_text())
+    assert smoothing["M0"]["SmoothingFWHM"]["Value"] == 3.0
+    assert os.listdir(out / "sub-01" / "perf")  # outputs still in place
