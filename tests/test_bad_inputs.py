@@ -148,10 +148,16 @@ CASES = [
         ["nothing to quantify"],
     ),
     (
-        "unequal-pairs",
+        "controls-only",
         {},
-        write_text(CONTEXT, "volume_type\n" + "control\nlabel\n" * 3 + "control\ncontrol\n"),
-        ["5 control and 3 label"],
+        write_text(CONTEXT, "volume_type\n" + "control\n" * 8),
+        ["no control/label pairs", "nothing to quantify"],
+    ),
+    (
+        "q2tips-decreasing",
+        {"asl_type": "PASL", "bolus_cutoff_technique": "Q2TIPS"},
+        edit_json(ASL_JSON, BolusCutOffDelayTime=[0.7, 0.6]),
+        ["'BolusCutOffDelayTime'", "TI1s after TI1"],
     ),
     *[
         (f"missing-{field}", {}, edit_json(ASL_JSON, **{field: None}), [f"'{field}'", "missing"])

@@ -154,8 +154,12 @@ def test_aslcontext_problems(tmp_path):
     assert "3 volumes" in _only_failure(root) or "lists 3" in _only_failure(root)
     context.write_text("volume_type\ncontrol\nlabel\ncontrol\nbanana\n")
     assert "'banana'" in _only_failure(root)
+    context.write_text("volume_type\ncontrol\ncontrol\ncontrol\ncontrol\n")
+    assert "no control/label pairs" in _only_failure(root)
+    # one pair and two controls without a partner: processed, the two left out
     context.write_text("volume_type\ncontrol\nlabel\ncontrol\ncontrol\n")
-    assert "3 control and 1 label" in _only_failure(root)
+    (run,) = discover(root).runs
+    assert run.unpaired_volumes == [2, 3]
     context.unlink()
     assert "aslcontext.tsv" in _only_failure(root)
 
@@ -182,7 +186,54 @@ def test_dummy_scans_drop_a_pair(tmp_path):
     (plan,) = discover(root, dummy_scans=2).runs
     assert plan.volume_counts == {"control": 1, "label": 1}
     assert len(plan.post_labeling_delay) == 2
-    assert "after dropping 1 dummy scans" in discover(root, dummy_scans=1).failures[0][1]
+    # one dummy scan leaves label, control, label: the last label has no partner
+    (odd,) = discover(root, dummy_scans=1).runs
+    assert odd.unpaired_volumes == [3]
+    assert any("volume(s) 3 (label) left out, unpaired" in w for w in odd.warnings)
+    failure = discover(root, dummy_scans=3).failures[0][1]
+    assert "nothing to quantify after dropping 3 dummy scans" in failure
+
+
+def test_q2tips_with_one_value_is_taken_as_ti1(tmp_path):
+    root, sidecar = _dataset(
+        tmp_path, asl_type="PASL", bolus_cutoff_technique="Q2TIPS", bolus_cutoff_delay=0.7
+    )
+    edit_sidecar(sidecar, BolusCutOffDelayTime=0.7)
+    (run,) = discover(root).runs
+    assert run.bolus_cutoff_delay == [0.7]
+    (assumed,) = [a for a in run.assumed_metadata if a["Field"] == "BolusCutOffDelayTime"]
+    assert assumed["Value"] == [0.7] and "taken as TI1" in assumed["Reason"]
+    assert any("one value for Q2TIPS: used as TI1" in w for w in run.warnings)
+    edit_sidecar(sidecar, BolusCutOffDelayTime=None)  # missing is still an error
+    assert "'BolusCutOffDelayTime' is required" in discover(root).failures[0][1]
+
+
+def test_assumed_metadata_is_listed(tmp_path):
+    root, sidecar = _dataset(tmp_path, background_suppression=True, bs_pulses=4)
+    edit_sidecar(sidecar, BackgroundSuppressionNumberPulses=None, MRAcquisitionType=None)
+    (run,) = discover(root).runs
+    assumed = {a["Field"]: a for a in run.assumed_metadata}
+    assert assumed["LabelingEfficiency"]["Value"] == 0.85  # the PCASL consensus value
+    assert assumed["BackgroundSuppressionNumberPulses"]["Value"] == 1
+    assert "multiplied by 0.95" in assumed["BackgroundSuppressionNumberPulses"]["Reason"]
+    assert assumed["MRAcquisitionType"]["Value"] == "3D"
+    edit_sidecar(sidecar, LabelingEfficiency=0.8, BackgroundSuppressionNumberPulses=None)
+    (run,) = discover(root).runs
+    assumed = {a["Field"]: a for a in run.assumed_metadata}
+    assert "LabelingEfficiency" not in assumed
+    assert assumed["BackgroundSuppressionNumberPulses"]["Value"] is None
+
+
+@pytest.mark.parametrize(("pld", "warned"), [(0.2, True), (0.9, True), (1.0, False), (1.8, False)])
+def test_short_single_delay_warns(tmp_path, pld, warned):
+    root, sidecar = _dataset(tmp_path)
+    edit_sidecar(sidecar, PostLabelingDelay=pld)
+    (run,) = discover(root).runs
+    assert bool(run.quality_warnings) == warned
+    if warned:
+        assert (
+            f"post-labeling delay of {pld:g} s is not tissue perfusion" in run.quality_warnings[0]
+        )
 
 
 # ---- the real-world metadata of bids-examples (metadata only; placeholder images) ----

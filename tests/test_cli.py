@@ -576,3 +576,35 @@ def test_cbf_only_series(tmp_path):
     assert json.loads((out / "sub-01_cbf.json").read_text())["PassedThroughCBFVolumes"] == 3
     assert not (out / "sub-01_desc-preproc_m0scan.nii.gz").exists()
     assert not (out / "sub-01_desc-mean_deltam.nii.gz").exists()
+
+
+def test_unbalanced_series_quantified_without_the_unpaired_volume(tmp_path):
+    """A Siemens-3D-PCASL-like series: M0, control, then (label, control) pairs. The control
+    beside the M0 has no partner: it is left out, said so, and the CBF is still right."""
+    spec = SyntheticSpec(m0_type="Included", order="label-first", n_pairs=5)
+    (truth,) = write_dataset(tmp_path / "bids", [spec])
+    perf = tmp_path / "bids" / "sub-01" / "perf"
+    context = (perf / "sub-01_aslcontext.tsv").read_text().split()[1:]
+    assert context[:3] == ["m0scan", "label", "control"]
+    del context[1]  # the M0 took the first label slot
+    image = nb.load(perf / "sub-01_asl.nii.gz")
+    data = np.delete(np.asarray(image.dataobj), 1, axis=3)
+    nb.Nifti1Image(data, image.affine, image.header).to_filename(perf / "sub-01_asl.nii.gz")
+    (perf / "sub-01_aslcontext.tsv").write_text("volume_type\n" + "\n".join(context) + "\n")
+    meta = json.loads((perf / "sub-01_asl.json").read_text())
+    for key, value in meta.items():  # per-volume arrays lose that volume too
+        if isinstance(value, list) and len(value) == len(context) + 1:
+            meta[key] = value[:1] + value[2:]
+    (perf / "sub-01_asl.json").write_text(json.dumps(meta))
+    result = run_cli(
+        str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w")
+    )
+    assert result.returncode == 0, result.stderr
+    assert "volume(s) 1 (control) left out, unpaired: 5 control and 4 label" in result.stderr
+    out = tmp_path / "out" / "sub-01" / "perf"
+    sidecar = json.loads((out / "sub-01_cbf.json").read_text())
+    assert sidecar["VolumesLeftOut"]["Volumes"] == [1]
+    assert sidecar["NumberOfVolumesAveraged"] == 4
+    cbf = nb.load(out / "sub-01_cbf.nii.gz").get_fdata()
+    gm = truth.gm_mask
+    assert cbf[gm].mean() == pytest.approx(truth.cbf[gm].mean(), rel=GM_TOLERANCE)

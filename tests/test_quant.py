@@ -184,9 +184,34 @@ def test_subtraction_sign_and_passthrough():
     np.testing.assert_allclose(out.ravel(), [-1.0, 7.0, 1.5])
 
 
-def test_unequal_pairs_rejected():
-    with pytest.raises(ValueError, match="2 control and 1 label"):
-        plan_subtraction(["control", "label", "control"])
+@pytest.mark.parametrize(
+    ("context", "control", "label", "unpaired"),
+    [
+        # control-first, cut short after a control: the last control is left out
+        (["control", "label"] * 3 + ["control"], (0, 2, 4), (1, 3, 5), (6,)),
+        # label-first, one label too many at the end
+        (["label", "control"] * 2 + ["label"], (1, 3), (0, 2), (4,)),
+        # Siemens 3D PCASL: the M0 takes the first label slot, so the control beside it
+        # (the first after the unsuppressed M0 shot) is the one without a partner
+        (["m0scan", "control"] + ["label", "control"] * 3, (3, 5, 7), (2, 4, 6), (1,)),
+        # a volume lost in the middle: slots no longer line up, neighbours pair instead
+        (["control", "label", "label", "control", "control", "label", "control"],
+         (0, 3, 4), (1, 2, 5), (6,)),
+        # blocked: neighbours would pair only once, so the i-th control takes the i-th
+        # label and the longer block's last volume is left out
+        (["control"] * 4 + ["label"] * 3, (0, 1, 2), (4, 5, 6), (3,)),
+        # nothing pairs
+        (["control"] * 3, (), (), (0, 1, 2)),
+    ],
+)  # fmt: skip
+def test_unbalanced_series_pair_what_pairs(context, control, label, unpaired):
+    plan = plan_subtraction(context)
+    assert (plan.control, plan.label, plan.unpaired) == (control, label, unpaired)
+
+
+def test_balanced_series_leave_nothing_out():
+    for context in (["control", "label"] * 3, ["control"] * 3 + ["label"] * 3):
+        assert plan_subtraction(context).unpaired == ()
 
 
 def test_otsu_separates_two_populations():

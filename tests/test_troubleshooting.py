@@ -42,7 +42,10 @@ WRAPPED_VALUE_ERRORS = {
     "quant/constants.py": {"_by_field"},
 }
 #: Functions whose returned strings are quality warnings.
-WARNING_FUNCTIONS = {"quant/cbf.py": {"implausible_cbf"}}
+WARNING_FUNCTIONS = {
+    "quant/cbf.py": {"implausible_cbf"},
+    "bids/validation.py": {"_short_delay_warnings", "_unpaired_note"},
+}
 #: Functions whose f-strings are printed (the reason of a failed processing step).
 TEXT_FUNCTIONS = {"cli/crashes.py": {"crash_messages"}}
 #: The prefix of every error line: it does not identify a message.
@@ -84,6 +87,8 @@ def _fragments(node: ast.AST | None) -> list[str]:
         return _fragments(node.left) + _fragments(node.right)
     if isinstance(node, ast.IfExp):
         return _fragments(node.body) + _fragments(node.orelse)
+    if isinstance(node, ast.List):
+        return [piece for element in node.elts for piece in _fragments(element)]
     return []
 
 
@@ -108,9 +113,12 @@ def _callee(call: ast.Call) -> str:
 
 
 def _receiver(call: ast.Call) -> str | None:
+    """``x`` of ``x.method(...)`` and of ``y.x.method(...)``."""
     func = call.func
     if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
         return func.value.id
+    if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Attribute):
+        return func.value.attr
     return None
 
 
@@ -215,6 +223,10 @@ def collect_messages() -> tuple[Message, ...]:
                 add(node, _percent_fragments(node.args[0]))
             elif callee == "append" and _receiver(node) == "warnings":
                 add(node, _fragments(node.args[0]))
+            elif callee == "assume" and _receiver(node) == "notes":
+                # a filled-in value; its warn= text is printed
+                warn = next((k.value for k in node.keywords if k.arg == "warn"), None)
+                add(node, _fragments(warn))
             elif _is_stderr_print(node):
                 add(node, _fragments(node.args[0]))
         for function in _functions(tree, WRAPPED_VALUE_ERRORS.get(relative, set())):

@@ -22,6 +22,11 @@ class AslRun:
 
     Per-volume arrays (``post_labeling_delay``, ``labeling_duration``, ``repetition_time``)
     have one entry per volume kept (after the dummy scans), aligned with ``context``.
+    ``unpaired_volumes`` are control/label volumes left out for want of a partner, numbered
+    in the source series. ``assumed_metadata`` lists the values the pipeline filled in
+    (``{"Field", "Value", "Reason"}``), written to the CBF sidecars; ``quality_warnings``
+    are known before processing (a delay too short for tissue) and join the sidecars'
+    ``QualityWarnings``.
     """
 
     asl_file: str
@@ -55,6 +60,9 @@ class AslRun:
     warnings: list[str] = field(default_factory=list)
     echo_time: float = 0.0
     spin_echo: bool = False
+    unpaired_volumes: list[int] = field(default_factory=list)
+    assumed_metadata: list[dict] = field(default_factory=list)
+    quality_warnings: list[str] = field(default_factory=list)
 
     @property
     def volume_counts(self) -> dict[str, int]:

@@ -45,5 +45,6 @@ def run_summary(run: AslRun, options: QuantificationOptions) -> dict[str, Any]:
         },
         "labeling_efficiency": run.labeling_efficiency,
         "outputs": planned_paths(run, options),
-        "warnings": run.warnings,
+        "warnings": run.warnings + run.quality_warnings,
+        "assumed_metadata": run.assumed_metadata,
     }

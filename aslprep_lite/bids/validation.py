@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aslprep_lite.bids.asl_run import LABELED_TYPES, AslRun
@@ -34,6 +34,20 @@ M0_TYPES = ("Separate", "Included", "Estimate", "Absent")
 BOLUS_TECHNIQUES = ("QUIPSS", "QUIPSSII", "Q2TIPS")
 #: A delay above this many seconds is almost certainly in milliseconds.
 MAX_PLAUSIBLE_DELAY_S = 30.0
+
+
+@dataclass
+class _Notes:
+    """What validation tells the user about a run: warnings, and values it filled in."""
+
+    warnings: list[str] = field(default_factory=list)
+    assumed: list[dict] = field(default_factory=list)
+
+    def assume(self, name: str, value, reason: str, *, warn: str | None = None) -> None:
+        """Record a value the pipeline fills in (sidecar ``AssumedMetadata``), and warn."""
+        self.assumed.append({"Field": name, "Value": value, "Reason": reason})
+        if warn:
+            self.warnings.append(warn)
 
 
 @dataclass
@@ -87,22 +101,27 @@ def validate_run(
             "no sidecar metadata found: every ASL run needs an _asl.json", path=str(sidecar)
         )
     fields = SidecarFields(metadata, sidecar)
-    warnings: list[str] = []
+    notes = _Notes()
 
     shape = _read_image(asl_file, aslcontext_file, len(context_all)) if check_images else None
     asl_type, m0_type, field_strength = _read_labeling(fields)
     pld_all, tr_all, ld_all = _read_timing(fields, asl_type, context_all)
-    bolus_technique, bolus_delay = _read_bolus_cutoff(fields, asl_type)
-    background_suppression, bs_pulses, efficiency = _read_background_suppression(fields, warnings)
-    acquisition, slice_timing, slice_axis = _read_readout(fields, tr_all, shape)
+    bolus_technique, bolus_delay = _read_bolus_cutoff(fields, asl_type, notes)
+    background_suppression, bs_pulses, efficiency = _read_background_suppression(
+        fields, asl_type, notes
+    )
+    acquisition, slice_timing, slice_axis = _read_readout(fields, tr_all, shape, notes)
 
     context, subtraction = _select_volumes(context_all, dummy_scans, asl_file, aslcontext_file)
+    if subtraction.unpaired:
+        notes.warnings.append(_unpaired_note(context, subtraction, dummy_scans))
     keep = slice(dummy_scans, None)
     pld = pld_all[keep]
     labeling_duration = ld_all[keep] if ld_all is not None else None
     repetition_time = tr_all[keep]
     _check_pair_timing(fields, subtraction, dummy_scans, pld, labeling_duration)
     _check_bolus_against_delays(fields, bolus_technique, bolus_delay, pld, context)
+    quality = _short_delay_warnings(asl_type, pld, context) if subtraction.n_volumes else []
 
     m0 = _M0()
     if subtraction.n_volumes:
@@ -114,14 +133,15 @@ def validate_run(
             background_suppression,
             m0_file=find_m0(asl_file) if m0_type == "Separate" and find_m0 else None,
             check_images=check_images,
+            notes=notes,
         )
     else:
-        warnings.append("cbf volumes only: they are passed through, no M0 is used")
+        notes.warnings.append("cbf volumes only: they are passed through, no M0 is used")
 
     echo_time, spin_echo = 0.0, False
     if m0_calibration != "voxel" and subtraction.n_volumes:
         echo_time, spin_echo = _read_reference_echo(
-            fields, m0_type, m0.file, m0_calibration, warnings
+            fields, m0_type, m0.file, m0_calibration, notes
         )
     sources = [asl_file, aslcontext_file] + ([m0.file] if m0.file else [])
     session = entities.get("session")
@@ -154,11 +174,14 @@ def validate_run(
         m0_repetition_time=m0.repetition_time,
         m0_estimate=m0.estimate,
         source_files=["bids:raw:" + os.path.relpath(p, bids_dir) for p in sources],
-        warnings=warnings,
+        warnings=notes.warnings,
+        assumed_metadata=notes.assumed,
+        quality_warnings=quality,
         echo_time=echo_time,
         spin_echo=spin_echo,
+        unpaired_volumes=[i + dummy_scans for i in subtraction.unpaired],
     )
-    for message in warnings:
+    for message in notes.warnings:
         LOGGER.warning("%s: %s", sidecar, message)
     return run
 
@@ -236,9 +259,13 @@ def _read_timing(
 
 
 def _read_bolus_cutoff(
-    fields: SidecarFields, asl_type: str
+    fields: SidecarFields, asl_type: str, notes: _Notes
 ) -> tuple[str | None, list[float] | None]:
-    """PASL: the bolus cut-off technique and its delay time(s) (TI1, or [TI1, TI1s])."""
+    """PASL: the bolus cut-off technique and its delay time(s) (TI1, or [TI1, TI1s]).
+
+    Q2TIPS with one value: Siemens DICOMs do not store TI1s (the end of the saturation train)
+    and the CBF model needs only TI1, so the one value is taken as TI1, and said so.
+    """
     if asl_type != "PASL":
         return None, None
     if not fields.boolean("BolusCutOffFlag", why=" for PASL"):
@@ -253,6 +280,16 @@ def _read_bolus_cutoff(
         fields.number("BolusCutOffDelayTime", v) for v in (raw if isinstance(raw, list) else [raw])
     ]
     expected = 2 if technique == "Q2TIPS" else 1
+    if technique == "Q2TIPS" and len(delay) == 1:
+        notes.assume(
+            "BolusCutOffDelayTime",
+            delay,
+            "Q2TIPS with one value: taken as TI1, the bolus duration the CBF model uses; TI1s "
+            "(the end of the saturation train, not stored in Siemens DICOMs) is not needed",
+            warn="BolusCutOffDelayTime has one value for Q2TIPS: used as TI1 (the bolus "
+            "duration); give [TI1, TI1s] to silence this",
+        )
+        expected = 1
     if len(delay) != expected:
         raise fields.error(
             "BolusCutOffDelayTime",
@@ -260,16 +297,22 @@ def _read_bolus_cutoff(
             + (" ([TI1, TI1s])" if expected == 2 else ""),
         )
     _check_delays(fields, "BolusCutOffDelayTime", delay, ["label"] * len(delay))
+    if len(delay) == 2 and not delay[1] > delay[0]:
+        raise fields.error(
+            "BolusCutOffDelayTime",
+            f"is {delay}: Q2TIPS needs [TI1, TI1s] with TI1s after TI1",
+        )
     return technique, delay
 
 
 def _read_background_suppression(
-    fields: SidecarFields, warnings: list[str]
+    fields: SidecarFields, asl_type: str, notes: _Notes
 ) -> tuple[bool, int, float | None]:
     """Background suppression, its pulse count and a labeling efficiency given in the sidecar.
 
-    The efficiency model needs the pulse count; without it (and without LabelingEfficiency)
-    one pulse is assumed, and said so in ``warnings``.
+    Without LabelingEfficiency the consensus value for the labeling type is used, times 0.95
+    per background-suppression pulse; without the pulse count one pulse is assumed. Both are
+    recorded as assumed values, the second also as a warning.
     """
     enabled = fields.boolean("BackgroundSuppression")
     pulses = 0
@@ -281,6 +324,14 @@ def _read_background_suppression(
             raise fields.error(
                 "LabelingEfficiency", f"is {efficiency:g}; it must be a fraction in [0.3, 1]"
             )
+    if efficiency is None:
+        default = constants.labeling_efficiency(asl_type)
+        notes.assume(
+            "LabelingEfficiency",
+            default.value,
+            f"not in the sidecar: the {asl_type} consensus value ({default.source}) for the "
+            "labeling alone; give LabelingEfficiency to override",
+        )
     if enabled:
         if fields.has("BackgroundSuppressionNumberPulses"):
             count = fields.number("BackgroundSuppressionNumberPulses")
@@ -292,17 +343,41 @@ def _read_background_suppression(
             pulses = int(count)
         elif efficiency is None:
             pulses = 1
-            warnings.append(
-                "BackgroundSuppressionNumberPulses missing: assuming 1 pulse for the labeling "
-                "efficiency; add the field or LabelingEfficiency"
+            per_pulse = constants.scalar("background_suppression_pulse_efficiency").value
+            notes.assume(
+                "BackgroundSuppressionNumberPulses",
+                1,
+                "BackgroundSuppression is true but the pulse count is missing: one inversion "
+                f"pulse assumed, so the labeling efficiency is multiplied by {per_pulse:g} "
+                "(Garcia et al. 2005); give BackgroundSuppressionNumberPulses or "
+                "LabelingEfficiency to override",
+                warn="BackgroundSuppressionNumberPulses missing: assuming 1 pulse for the "
+                "labeling efficiency; add the field or LabelingEfficiency",
+            )
+        else:
+            notes.assume(
+                "BackgroundSuppressionNumberPulses",
+                None,
+                "not in the sidecar; LabelingEfficiency is given and taken to include the "
+                "losses of the background-suppression pulses",
             )
     return enabled, pulses, efficiency
 
 
 def _read_readout(
-    fields: SidecarFields, repetition_time: Sequence[float], shape: tuple[int, ...] | None
+    fields: SidecarFields,
+    repetition_time: Sequence[float],
+    shape: tuple[int, ...] | None,
+    notes: _Notes,
 ) -> tuple[str, list[float] | None, int]:
     """Acquisition type and, for 2D readouts, the slice times in array order and their axis."""
+    if not fields.has("MRAcquisitionType"):
+        notes.assume(
+            "MRAcquisitionType",
+            "3D",
+            "not in the sidecar: every slice taken as imaged at the same delay; give "
+            "MRAcquisitionType 2D and SliceTiming for per-slice delays",
+        )
     acquisition = str(fields.metadata.get("MRAcquisitionType", "3D"))
     if acquisition != "2D":
         return acquisition, None, 2
@@ -312,6 +387,13 @@ def _read_readout(
     slice_timing = [fields.number("SliceTiming", v) for v in timing]
     if min(slice_timing) < 0 or max(slice_timing) > max(repetition_time):
         raise fields.error("SliceTiming", "values must lie between 0 and the repetition time")
+    if not fields.has("SliceEncodingDirection"):
+        notes.assume(
+            "SliceEncodingDirection",
+            "k",
+            "not in the sidecar: slices taken along the third image axis, SliceTiming in "
+            "array order (the BIDS default)",
+        )
     direction = str(fields.metadata.get("SliceEncodingDirection", "k"))
     if direction.rstrip("-") not in ("i", "j", "k"):
         raise fields.error("SliceEncodingDirection", f"is {direction!r}; use i, j or k")
@@ -331,7 +413,11 @@ def _read_readout(
 def _select_volumes(
     context_all: list[str], dummy_scans: int, asl_file: Path, aslcontext_file: Path
 ) -> tuple[list[str], Subtraction]:
-    """Drop the non-steady-state volumes, then pair controls with labels."""
+    """Drop the non-steady-state volumes, then pair controls with labels.
+
+    Volumes that find no partner are left out (see :func:`plan_subtraction`); only a series
+    with nothing to quantify is refused.
+    """
     n_all = len(context_all)
     if dummy_scans < 0 or dummy_scans >= n_all:
         raise AslprepError(
@@ -339,19 +425,25 @@ def _select_volumes(
             path=str(asl_file),
         )
     context = context_all[dummy_scans:]
-    try:
-        subtraction = plan_subtraction(context)
-    except ValueError as err:
-        raise AslprepError(
-            f"{err}" + (f" after dropping {dummy_scans} dummy scans" if dummy_scans else ""),
-            path=str(aslcontext_file),
-        ) from None
+    subtraction = plan_subtraction(context)
     if subtraction.n_volumes == 0 and "cbf" not in context:
         raise AslprepError(
-            "no control/label pairs, no deltam and no cbf volumes: nothing to quantify",
+            "no control/label pairs, no deltam and no cbf volumes: nothing to quantify"
+            + (f" after dropping {dummy_scans} dummy scans" if dummy_scans else ""),
             path=str(aslcontext_file),
         )
     return context, subtraction
+
+
+def _unpaired_note(context: Sequence[str], subtraction: Subtraction, dummy_scans: int) -> str:
+    """Why and which volumes were left out, for the log, the plan and the sidecar."""
+    counts = {kind: sum(k == kind for k in context) for kind in ("control", "label")}
+    listed = ", ".join(f"{i + dummy_scans} ({context[i]})" for i in subtraction.unpaired)
+    return (
+        f"volume(s) {listed} left out, unpaired: {counts['control']} control and "
+        f"{counts['label']} label volumes; the others were paired in acquisition order "
+        "(volume indices from 0)"
+    )
 
 
 def _check_pair_timing(
@@ -406,6 +498,23 @@ def _check_bolus_against_delays(
         )
 
 
+def _short_delay_warnings(
+    asl_type: str, pld: Sequence[float], context: Sequence[str]
+) -> list[str]:
+    """Single-delay runs imaged before the label reaches tissue: the map shows vessels."""
+    labeled = {p for p, kind in zip(pld, context, strict=True) if kind in LABELED_TYPES}
+    threshold = constants.scalar("minimum_tissue_delay").value
+    if len(labeled) != 1 or min(labeled) >= threshold:
+        return []
+    delay = "inversion time" if asl_type == "PASL" else "post-labeling delay"
+    return [
+        f"single-delay CBF at a {delay} of {min(labeled):g} s is not tissue perfusion: arterial "
+        "transit takes about 0.7-1.5 s in healthy adults (Alsop et al. 2015), so much of the "
+        f"label is still in arteries and the map is dominated by vessels; a delay of at least "
+        f"{threshold:g} s (1.8-2 s recommended) or a multi-delay acquisition measures tissue CBF"
+    ]
+
+
 def _read_m0(
     fields: SidecarFields,
     m0_type: str,
@@ -415,10 +524,11 @@ def _read_m0(
     *,
     m0_file: Path | None,
     check_images: bool,
+    notes: _Notes,
 ) -> _M0:
     """Find and check the M0 for the run's M0Type."""
     if m0_type == "Separate":
-        return _separate_m0(fields, m0_file, check_images)
+        return _separate_m0(fields, m0_file, check_images, notes)
     if m0_type == "Included":
         indices = [i for i, kind in enumerate(context) if kind == "m0scan"]
         if not indices:
@@ -442,7 +552,9 @@ def _read_m0(
     return _M0(repetition_time=max(controls))
 
 
-def _separate_m0(fields: SidecarFields, m0_file: Path | None, check_images: bool) -> _M0:
+def _separate_m0(
+    fields: SidecarFields, m0_file: Path | None, check_images: bool, notes: _Notes
+) -> _M0:
     """A separate M0 scan: found, with a positive TR, 3D or 4D."""
     if m0_file is None:
         raise fields.error(
@@ -463,6 +575,13 @@ def _separate_m0(fields: SidecarFields, m0_file: Path | None, check_images: bool
     m0_tr = m0_fields.first_number(key)
     if m0_tr <= 0:
         raise m0_fields.error(key, f"is {m0_tr:g}: it must be > 0 s")
+    if key == "RepetitionTime":
+        notes.assume(
+            "RepetitionTimePreparation",
+            m0_tr,
+            f"not in the M0 sidecar ({m0_fields.path}): its RepetitionTime used for the "
+            "saturation-recovery correction",
+        )
     if check_images:
         shape = image_shape(m0_file)
         if len(shape) not in (3, 4):
@@ -475,7 +594,7 @@ def _read_reference_echo(
     m0_type: str,
     m0_file: Path | None,
     m0_calibration: str,
-    warnings: list[str],
+    notes: _Notes,
 ) -> tuple[float, bool]:
     """Reference-region calibration: the M0's echo time and whether the readout is spin echo."""
     if m0_type == "Estimate":
@@ -495,6 +614,18 @@ def _read_reference_echo(
                 "EchoTime", f"is {echo_time:g}: it must be in seconds, between 0 and 1"
             )
     else:
-        warnings.append("EchoTime missing: the reference-region M0 is not corrected for T2 decay")
+        notes.assume(
+            "EchoTime",
+            0.0,
+            "not in the M0 sidecar: the reference-region M0 is not corrected for T2 decay",
+            warn="EchoTime missing: the reference-region M0 is not corrected for T2 decay",
+        )
+    if not fields.has("PulseSequenceType"):
+        notes.assume(
+            "PulseSequenceType",
+            None,
+            "not in the sidecar: a gradient-echo readout assumed, so the reference region is "
+            "corrected with T2* rather than T2",
+        )
     sequence = str(fields.metadata.get("PulseSequenceType", "")).lower()
     return echo_time, "grase" in sequence or "spin" in sequence

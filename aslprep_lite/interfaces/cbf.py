@@ -140,7 +140,10 @@ class ComputeCBF(SimpleInterface):
         timeseries = finite_or_zero(np.where(mask[..., np.newaxis], timeseries, 0.0))
         mean = timeseries.mean(axis=3)
         meta["NumberOfVolumesAveraged"] = int(timeseries.shape[3])
-        meta["QualityWarnings"] = plausibility_warnings(mean, mask)
+        meta["QualityWarnings"] = [
+            *meta.get("QualityWarnings", []),
+            *plausibility_warnings(mean, mask),
+        ]
         meta["Quantification"] = constants
 
         self._results["timeseries_file"] = save_image(

@@ -189,7 +189,10 @@ class FitKineticModel(SimpleInterface):
         self._results["metadata"] = {
             **inputs.metadata,
             "Description": "Cerebral blood flow from the kinetic-model fit over all delays",
-            "QualityWarnings": plausibility_warnings(cbf_volume, mask),
+            "QualityWarnings": [
+                *inputs.metadata.get("QualityWarnings", []),
+                *plausibility_warnings(cbf_volume, mask),
+            ],
             "DeltaMVolumesPerDelay": volumes_per_delay,
             "ATTMethod": inputs.att_method,
             "ArterialComponent": (

@@ -24,10 +24,12 @@ class Subtraction:
 
     ``control[i]`` and ``label[i]`` are the indices of the pair that makes ΔM volume ``i``, or
     both equal to the index of a ``deltam`` volume passed through (``label[i] == -1``).
+    ``unpaired`` lists the control and label volumes that found no partner and are left out.
     """
 
     control: tuple[int, ...]
     label: tuple[int, ...]
+    unpaired: tuple[int, ...] = ()
 
     @property
     def n_volumes(self) -> int:
@@ -40,29 +42,78 @@ class Subtraction:
         return self.control
 
 
+def _slot_pairs(context: Sequence[str]) -> list[tuple[int, int]]:
+    """(control, label) pairs of the series' slots (0, 1), (2, 3), ... that hold one of each.
+
+    Every volume takes a slot, an m0scan included: a Siemens 3D PCASL acquires its M0 in the
+    first label slot, so the control beside it is the one without a partner.
+    """
+    pairs = []
+    for first in range(0, len(context) - 1, 2):
+        kinds = (context[first], context[first + 1])
+        if sorted(kinds) == ["control", "label"]:
+            control = first if kinds[0] == "control" else first + 1
+            pairs.append((control, 2 * first + 1 - control))
+    return pairs
+
+
+def _adjacent_pairs(context: Sequence[str]) -> list[tuple[int, int]]:
+    """(control, label) pairs of neighbouring volumes of opposite type, in acquisition order.
+
+    Walks the control and label volumes once (other types in between are skipped): two
+    neighbours of opposite type make a pair; a volume whose next neighbour has its own type
+    has no partner.
+    """
+    volumes = [(i, kind) for i, kind in enumerate(context) if kind in ("control", "label")]
+    pairs, i = [], 0
+    while i + 1 < len(volumes):
+        (first, kind), (second, other) = volumes[i], volumes[i + 1]
+        if kind != other:
+            pairs.append((first, second) if kind == "control" else (second, first))
+            i += 2
+        else:
+            i += 1
+    return pairs
+
+
 def plan_subtraction(context: Sequence[str]) -> Subtraction:
     """Pair controls with labels from an aslcontext.
 
-    The i-th control is paired with the i-th label, which handles control-first and
-    label-first series (and interleaved noRF/m0scan volumes) alike. ``deltam`` volumes join the
-    series in their acquisition position.
+    - As many controls as labels: the i-th control is paired with the i-th label, which
+      handles control-first, label-first and blocked series (and interleaved noRF/m0scan
+      volumes) alike.
+    - Unequal numbers (a Siemens 3D PCASL puts its M0 in the first label slot; a series can be
+      cut short), the first of these that forms as many pairs as the shorter type allows:
+      the acquisition's slots (volumes 0-1, 2-3, ... holding a control and a label; an
+      m0scan takes a slot); neighbouring control and label volumes in acquisition order; for
+      a blocked series (all controls, then all labels), the i-th control with the i-th label.
+      The volumes left without a partner are listed in ``unpaired``.
 
-    Raises
-    ------
-    ValueError
-        Unequal numbers of controls and labels.
+    ``deltam`` volumes join the series in their acquisition position.
     """
     controls = [i for i, kind in enumerate(context) if kind == "control"]
     labels = [i for i, kind in enumerate(context) if kind == "label"]
     deltams = [i for i, kind in enumerate(context) if kind == "deltam"]
+    pairs = list(zip(controls, labels, strict=False))
     if len(controls) != len(labels):
-        raise ValueError(
-            f"{len(controls)} control and {len(labels)} label volumes: they must pair up"
+        pairs = next(
+            (
+                candidate
+                for candidate in (_slot_pairs(context), _adjacent_pairs(context))
+                if len(candidate) == len(pairs)
+            ),
+            pairs,
         )
-    entries = [(min(c, lab), c, lab) for c, lab in zip(controls, labels, strict=True)]
+    paired = {i for pair in pairs for i in pair}
+    unpaired = tuple(i for i in sorted(controls + labels) if i not in paired)
+    entries = [(min(c, lab), c, lab) for c, lab in pairs]
     entries += [(d, d, -1) for d in deltams]
     entries.sort()
-    return Subtraction(control=tuple(e[1] for e in entries), label=tuple(e[2] for e in entries))
+    return Subtraction(
+        control=tuple(e[1] for e in entries),
+        label=tuple(e[2] for e in entries),
+        unpaired=unpaired,
+    )
 
 
 def subtract(series: NDArray, plan: Subtraction) -> NDArray[np.float32]:

@@ -90,6 +90,19 @@ def init_cbf_wf(run: AslRun, options: QuantificationOptions, *, mem_gb: float, n
     }
     workflow = pe.Workflow(name=name)
     workflow.__desc__ = cbf_methods(run, options, quantification)
+    # What validation found, for the CBF sidecars: filled-in values, left-out volumes and
+    # warnings known before processing (the nodes add their own).
+    found: dict[str, Any] = {}
+    if run.assumed_metadata:
+        found["AssumedMetadata"] = run.assumed_metadata
+    if run.unpaired_volumes:
+        found["VolumesLeftOut"] = {
+            "Volumes": run.unpaired_volumes,
+            "Reason": "unpaired: no label (or control) left to pair with; the other volumes "
+            "were paired in acquisition order",
+        }
+    if run.quality_warnings:
+        found["QualityWarnings"] = run.quality_warnings
     inputnode = pe.Node(
         IdentityInterface(fields=["asl_file", "m0_file", "mask_file"]), name="inputnode"
     )
@@ -100,15 +113,17 @@ def init_cbf_wf(run: AslRun, options: QuantificationOptions, *, mem_gb: float, n
         (deltam, outputnode, [("mean_file", "mean_deltam")]),
     ])  # fmt: skip
     if run.is_multidelay:
-        _connect_kinetic_fit(workflow, run, options, timing, mem_gb)
+        _connect_kinetic_fit(workflow, run, options, timing, found, mem_gb)
     else:
-        _connect_consensus(workflow, run, options, timing, mem_gb)
+        _connect_consensus(workflow, run, options, timing, found, mem_gb)
     return workflow
 
 
-def _connect_consensus(workflow, run: AslRun, options, timing: dict[str, Any], mem_gb: float):
+def _connect_consensus(
+    workflow, run: AslRun, options, timing: dict[str, Any], found: dict, mem_gb: float
+):
     """Single delay: the consensus formula on every ΔM volume, then their mean."""
-    metadata: dict[str, Any] = {"Model": run.model(options)}
+    metadata: dict[str, Any] = {"Model": run.model(options), **found}
     if run.has_deltam and run.asl_type == "PASL":
         metadata["InversionTime"] = run.labeled_value("post_labeling_delay")
         metadata["BolusCutOffTechnique"] = run.bolus_cutoff_technique
@@ -133,9 +148,12 @@ def _connect_consensus(workflow, run: AslRun, options, timing: dict[str, Any], m
     ])  # fmt: skip
 
 
-def _connect_kinetic_fit(workflow, run: AslRun, options, timing: dict[str, Any], mem_gb: float):
+def _connect_kinetic_fit(
+    workflow, run: AslRun, options, timing: dict[str, Any], found: dict, mem_gb: float
+):
     """Multi-delay: the general kinetic model fitted at every voxel of the mask."""
     metadata = {
+        **found,
         "Model": run.model(options),
         "PostLabelingDelay" if run.asl_type != "PASL" else "InversionTime": run.delays,
     }
