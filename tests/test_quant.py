@@ -239,6 +239,20 @@ def test_masked_smoothing_keeps_constants_and_edges():
     assert np.all(smoothed[~mask] == 0)
 
 
+def test_masked_smoothing_keeps_voids_from_pulling_neighbours_down():
+    # an M0 of 800 with a signal void (M0 0) and a partial-volume edge voxel (M0 300)
+    mask = np.zeros((20, 20, 20), dtype=bool)
+    mask[4:16, 4:16, 4:16] = True
+    image = np.where(mask, 800.0, 0.0)
+    image[10, 10, 10] = 0.0
+    image[4, 10, 10] = 300.0
+    plain = smooth_within_mask(image, mask, (3.0, 3.0, 3.0), 5.0)
+    assert plain[11, 10, 10] < 0.95 * 800.0  # the void drags its neighbour's M0 down (-7 %)
+    robust = smooth_within_mask(image, mask, (3.0, 3.0, 3.0), 5.0, min_fraction=0.5)
+    np.testing.assert_allclose(robust[mask], 800.0, rtol=1e-10)  # voids filled, none pulled
+    assert np.all(robust[~mask] == 0)
+
+
 def test_masked_smoothing_fwhm():
     # a delta smoothed with FWHM f has sd f / 2.3548 (mm) along each axis
     mask = np.ones((41, 41, 41), dtype=bool)

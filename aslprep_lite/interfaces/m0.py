@@ -109,9 +109,12 @@ class PrepareM0(SimpleInterface):
         m0 = m0 * inputs.m0_scale
         meta["M0Scale"] = inputs.m0_scale
         if inputs.calibration == "voxel":
-            m0 = smooth_within_mask(m0, mask, zooms, inputs.fwhm)
+            m0 = smooth_within_mask(m0, mask, zooms, inputs.fwhm, min_fraction=0.5)
             meta["SmoothingFWHM"] = {"Value": inputs.fwhm, "Units": "mm"}
-            meta["SmoothingMethod"] = "Gaussian, normalized within the brain mask"
+            meta["SmoothingMethod"] = (
+                "Gaussian, normalized within the brain mask; voxels below half of their "
+                "neighbourhood's M0 are smoothed but not used to smooth others"
+            )
         else:
             # (validation refuses M0Estimate here, so an acquired M0 image exists)
             m0 = self._reference_calibration(runtime, img, acquired, mask, meta)

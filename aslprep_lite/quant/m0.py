@@ -74,23 +74,37 @@ def brain_mask(image: NDArray, zooms: Sequence[float]) -> NDArray[np.bool_]:
 
 
 def smooth_within_mask(
-    image: NDArray, mask: NDArray, zooms: Sequence[float], fwhm_mm: float
+    image: NDArray,
+    mask: NDArray,
+    zooms: Sequence[float],
+    fwhm_mm: float,
+    min_fraction: float = 0.0,
 ) -> NDArray[np.float64]:
     """Gaussian smoothing restricted to a mask (normalized convolution).
 
-    smooth(image·mask) / smooth(mask) inside the mask, 0 outside: smoothing the M0 reduces the
-    noise it passes into CBF, and normalizing by the smoothed mask stops the zero background
-    from pulling M0 down (and CBF up) at the brain edge. ``fwhm_mm`` 0 returns the masked image.
+    smooth(image·w) / smooth(w) inside the mask, 0 outside: smoothing the M0 reduces the
+    noise it passes into CBF, and normalizing by the smoothed weights stops the zero background
+    from pulling M0 down (and CBF up) at the brain edge. The weights w are the mask voxels whose
+    own value is at least ``min_fraction`` of a first normalized-convolution pass over the whole
+    mask: a voxel far below its neighbourhood (partial volume with bone or air at the mask edge,
+    a susceptibility void, M0 <= 0) still gets a smoothed value from the voxels around it, but
+    no longer pulls its neighbours' M0 down (and their CBF up). ``min_fraction`` 0 (the
+    default, for images that may hold true zeros) weights every mask voxel; PrepareM0 uses 0.5
+    for the M0. ``fwhm_mm`` 0 returns the masked image.
     """
     image = np.asarray(image, dtype=np.float64)
     mask = np.asarray(mask, dtype=bool)
     if fwhm_mm <= 0:
         return np.where(mask, image, 0.0)
     sigma = voxel_sigma(fwhm_mm, zooms)
-    weights = ndimage.gaussian_filter(mask.astype(np.float64), sigma, mode="constant")
-    smoothed = ndimage.gaussian_filter(np.where(mask, image, 0.0), sigma, mode="constant")
     out = np.zeros_like(image)
-    np.divide(smoothed, weights, out=out, where=mask & (weights > 1e-6))
+    sources = mask
+    for _ in range(2 if min_fraction > 0 else 1):
+        weights = ndimage.gaussian_filter(sources.astype(np.float64), sigma, mode="constant")
+        smoothed = ndimage.gaussian_filter(np.where(sources, image, 0.0), sigma, mode="constant")
+        # second pass: a voxel with no source near it keeps the first pass's value
+        np.divide(smoothed, weights, out=out, where=mask & (weights > 1e-6))
+        sources = mask & (image >= min_fraction * out)
     return out
 
 
