@@ -27,9 +27,15 @@ from aslprep_lite.errors import AslprepError
 RANDOM_SEED = 20240
 
 
-def _option(default: Any, sidecar: str | None = None, *, multidelay_only: bool = False):
-    """A quantification option with its sidecar name (None: not recorded as a parameter)."""
-    return field(default=default, metadata={"sidecar": sidecar, "multidelay": multidelay_only})
+#: When an option acts on a run (so is recorded in its sidecars and handed to its nodes).
+APPLIES = ("always", "multi-delay", "fitted", "voxel-calibration")
+
+
+def _option(default: Any, sidecar: str | None = None, *, applies: str = "always"):
+    """A quantification option, the name it is recorded under (None: not recorded as a
+    parameter) and when it acts (one of :data:`APPLIES`)."""
+    assert applies in APPLIES
+    return field(default=default, metadata={"sidecar": sidecar, "applies": applies})
 
 
 @dataclass(frozen=True)
@@ -57,25 +63,35 @@ class QuantificationOptions:
     """Every option that changes the numbers, with the name it is recorded under."""
 
     m0_scale: float = _option(1.0, "M0Scale")
-    smooth_kernel: float = _option(5.0, "M0SmoothingFWHM")
+    smooth_kernel: float = _option(5.0, "M0SmoothingFWHM", applies="voxel-calibration")
     dummy_scans: int = _option(0, "DummyScans")
-    att_method: str = _option("fit", "ATTMethod", multidelay_only=True)
-    att_prior: str = _option("local", "ATTPrior", multidelay_only=True)
-    arterial_component: bool = _option(False, "ArterialComponent", multidelay_only=True)
+    att_method: str = _option("fit", "ATTMethod", applies="multi-delay")
+    att_prior: str = _option("local", "ATTPrior", applies="fitted")
+    arterial_component: bool = _option(False, "ArterialComponent", applies="fitted")
     m0_calibration: str = _option("voxel", "M0Calibration")
-    m0_reference_mask: str | None = _option(None)  # a file: recorded among the Sources
+    m0_reference_mask: str | None = _option(None)  # written out as desc-m0reference_mask
     seed: int = _option(RANDOM_SEED, "RandomSeed")
 
-    def sidecar_record(self, *, multidelay: bool) -> dict[str, Any]:
-        """``ProcessingParameters`` of a run's sidecars: the options in force for it.
+    def applies(self, name: str, *, multidelay: bool) -> bool:
+        """Whether option ``name`` acts on a run (single- or multi-delay) under these options.
 
-        Options that only act on multi-delay fits are left out of single-delay runs, whose
-        numbers they cannot change.
+        An option that cannot change a run's numbers is neither recorded in its sidecars nor
+        handed to its nodes, so changing it reruns nothing.
         """
+        fitted = multidelay and self.att_method == "fit"
+        return {
+            "always": True,
+            "multi-delay": multidelay,
+            "fitted": fitted,
+            "voxel-calibration": self.m0_calibration == "voxel",
+        }[self.__dataclass_fields__[name].metadata["applies"]]
+
+    def sidecar_record(self, *, multidelay: bool) -> dict[str, Any]:
+        """``ProcessingParameters`` of a run's sidecars: the options that act on it."""
         return {
             f.metadata["sidecar"]: getattr(self, f.name)
             for f in fields(self)
-            if f.metadata["sidecar"] and (multidelay or not f.metadata["multidelay"])
+            if f.metadata["sidecar"] and self.applies(f.name, multidelay=multidelay)
         }
 
 
@@ -151,9 +167,9 @@ def build_settings(options: Any) -> Settings:
             raise AslprepError(
                 f"cannot read the BIDS filter file: {err}", path=str(options.bids_filter_file)
             ) from None
-        if not isinstance(filters, dict):
+        if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
             raise AslprepError(
-                'must hold an object such as {"asl": {"acquisition": "x"}}',
+                'must hold an object of objects such as {"asl": {"acquisition": "x"}}',
                 path=str(options.bids_filter_file),
             )
     for name, value, low in (

@@ -312,3 +312,29 @@ def test_negative_slice_encoding_direction_reverses_slice_timing(tmp_path):
     edit_sidecar(sidecar, SliceEncodingDirection="k-")
     (plan,) = discover(root).runs
     assert plan.slice_timing == timing[::-1]  # first entry = slice with the largest index
+
+
+def test_filters_override_the_query_and_name_their_kind(tmp_path):
+    """fMRIPrep-style filter files: an entity the query also sets is overridden, not doubled."""
+    root, _ = _dataset(tmp_path)
+    (run,) = discover(root, bids_filters={"asl": {"extension": ".nii.gz"}}).runs
+    assert run.subject == "01"
+    with pytest.raises(AslprepError, match="invalid BIDS filter for 't1w'"):
+        discover(root, bids_filters={"t1w": {"bogus_entity": "x"}})
+
+
+def test_cbf_volumes_do_not_make_a_series_multidelay(tmp_path):
+    root, sidecar = _dataset(tmp_path)
+    context = root / "sub-01" / "perf" / "sub-01_aslcontext.tsv"
+    context.write_text("volume_type\ncbf\ncbf\ncbf\ncbf\n")
+    edit_sidecar(sidecar, PostLabelingDelay=[1.5, 1.5, 2.0, 2.0])
+    (run,) = discover(root).runs
+    assert not run.is_multidelay and run.delays == []
+
+
+def test_reference_calibration_echo_time_must_be_a_number(tmp_path):
+    root, _ = _dataset(tmp_path)
+    m0_sidecar = root / "sub-01" / "perf" / "sub-01_m0scan.json"
+    edit_sidecar(m0_sidecar, EchoTime=[])
+    failure = discover(root, m0_calibration="csf").failures[0][1]
+    assert "sub-01_m0scan.json: field 'EchoTime' must be a number, not []" in failure

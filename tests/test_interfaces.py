@@ -14,12 +14,14 @@ def test_included_m0_volumes_with_different_trs():
     recovered_at_2s = 1.0 - np.exp(-2.0 / 1.607)  # grey-matter T1 at 3 T: 0.71203
     series = np.stack([m0 * recovered_at_2s, m0, np.zeros_like(m0)], axis=3)
     context = ["m0scan", "m0scan", "control"]
-    mean, trs = included_m0(series, context, [2.0, 8.0, 4.0], 3.0)
+    mean, trs = included_m0(series, context, [2.0, 8.0, 4.0], t1_tissue=1.607, threshold=5.0)
     assert trs == [2.0, 8.0]
     # TR 8 s is fully relaxed (>= 5 s): both volumes become 1000, not (712 + 1000) / 2
     np.testing.assert_allclose(mean, 1000.0, rtol=1e-12)
     # equal TRs: a plain mean, left for the shared correction of that TR
-    mean, _ = included_m0(np.stack([m0, m0 * 0.5, m0], axis=3), context, [4.0] * 3, 3.0)
+    mean, _ = included_m0(
+        np.stack([m0, m0 * 0.5, m0], axis=3), context, [4.0] * 3, t1_tissue=1.607, threshold=5.0
+    )
     np.testing.assert_allclose(mean, 750.0)
 
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from nipype.interfaces.base import isdefined
 from nipype.pipeline import engine as pe
 
 from aslprep_lite.bids.derivatives import ASL_DERIVATIVES, BY_KEY, planned_derivatives
@@ -148,12 +149,33 @@ def test_methods_follow_m0_type(runs):
     assert "smoothed with a Gaussian kernel of 5 mm FWHM" in absent
 
 
+def test_methods_for_scanner_deltam_and_pasl_cutoffs(tmp_path):
+    root = tmp_path / "bids"
+    specs = [
+        SyntheticSpec(subject="dm", deltam_only=True, m0_type="Included", **SMALL),
+        SyntheticSpec(subject="quipss", asl_type="PASL", bolus_cutoff_technique="QUIPSS", **SMALL),
+        SyntheticSpec(subject="q2tips", asl_type="PASL", bolus_cutoff_technique="Q2TIPS", **SMALL),
+    ]
+    write_dataset(root, specs)
+    runs = {run.subject: run for run in discover(root).runs}
+    deltam = _methods(runs["dm"])
+    assert "The ΔM volumes computed on the scanner (deltam) were used as acquired" in deltam
+    assert "control − label" not in deltam
+    assert "Head-motion correction was skipped" in deltam
+    quipss = _methods(runs["quipss"])
+    assert "(2·α·(TI − TI1)·M0) for PASL with QUIPSS (Wong et al. 1998)" in quipss
+    assert "Luh" not in quipss
+    assert "(2·α·TI1·M0) for PASL with Q2TIPS (Luh et al. 1999)" in _methods(runs["q2tips"])
+
+
 def test_methods_follow_calibration_and_smoothing(runs, tmp_path):
     mask = tmp_path / "csf.nii.gz"
     mask.write_bytes(b"")
     csf = _methods(runs["separate"], m0_calibration="csf", m0_reference_mask=str(mask))
     assert "reference region of cerebrospinal fluid" in csf
     assert "smoothed" not in csf.split("The brain mask")[0]  # no voxelwise smoothing then
+    assert "1 − exp(−TR/T1,tissue)" not in csf and "full recovery" not in csf
+    assert "from the M0 as acquired" in csf
     assert "It was not smoothed." in _methods(runs["separate"], smooth_kernel=0.0)
     assert "M0 scale factor 10" in _methods(runs["separate"], m0_scale=10.0)
     assert "M0 scale factor" not in _methods(runs["separate"])
@@ -175,7 +197,13 @@ def test_methods_follow_delays_readout_and_background_suppression(runs):
 
 
 def test_m0_methods_tr_correction():
-    common = {"m0_type": "Separate", "registered": True, "m0_scale": 1.0, "fwhm": 5.0}
+    common = {
+        "m0_type": "Separate",
+        "registered": True,
+        "has_control": True,
+        "m0_scale": 1.0,
+        "fwhm": 5.0,
+    }
     short = m0_methods(m0_repetition_time=4.0, calibration="voxel", **common)
     assert "repetition time of 4 s (below 5 s), it was divided by 1 − exp(−TR/T1" in short
     assert "no saturation correction" in m0_methods(
@@ -216,3 +244,29 @@ def test_changed_options_rerun_only_the_nodes_that_use_them(tmp_path):
     smoothing = json.loads((out / "sub-01" / "perf" / "sub-01_cbf.json").read_text())
     assert smoothing["M0"]["SmoothingFWHM"]["Value"] == 3.0
     assert os.listdir(out / "sub-01" / "perf")  # outputs still in place
+
+    # derivatives deleted since: the writer (only) runs again and puts them back
+    (out / "sub-01" / "perf" / "sub-01_cbf.nii.gz").unlink()
+    assert main([*args, "--smooth-kernel", "3"]) == 0
+    fourth = _result_mtimes(work)
+    assert {name for name in fourth if fourth[name] != third.get(name)} == {
+        name for name in fourth if "write_derivatives" in name
+    }
+    assert (out / "sub-01" / "perf" / "sub-01_cbf.nii.gz").is_file()
+
+
+def test_options_that_do_not_act_are_not_handed_on(runs, tmp_path):
+    """--att-prior with the weighted delay, --smooth-kernel with a reference region: neither
+    reaches a node nor the sidecar, so changing them reruns nothing."""
+    weighted, _ = _build(runs["multi"], att_method="weighted-delay", att_prior="none")
+    assert not isdefined(weighted.get_node("cbf_wf.kinetic_fit").inputs.att_prior)
+    parameters = weighted.get_node("outputs_wf.write_derivatives").inputs.parameters
+    assert parameters["ATTMethod"] == "weighted-delay" and "ATTPrior" not in parameters
+    mask = tmp_path / "csf.nii.gz"
+    mask.write_bytes(b"")
+    csf, _ = _build(
+        runs["separate"], m0_calibration="csf", m0_reference_mask=str(mask), smooth_kernel=2.0
+    )
+    assert not isdefined(csf.get_node("m0_wf.prepare_m0").inputs.fwhm)
+    parameters = csf.get_node("outputs_wf.write_derivatives").inputs.parameters
+    assert "M0SmoothingFWHM" not in parameters and parameters["M0Calibration"] == "csf"

@@ -14,6 +14,8 @@ from aslprep_lite.config import QuantificationOptions
 
 #: Volume types that carry labeled blood, so their PLD and labeling duration matter.
 LABELED_TYPES = frozenset({"control", "label", "deltam", "cbf"})
+#: Volume types that make ΔM: their delays decide the model (cbf volumes are passed through).
+DELTAM_TYPES = frozenset({"control", "label", "deltam"})
 
 
 @dataclass
@@ -71,23 +73,23 @@ class AslRun:
 
     @property
     def delays(self) -> list[float]:
-        """Distinct post-labeling delays (inversion times for PASL) of the labeled volumes."""
+        """Distinct post-labeling delays (inversion times for PASL) of the ΔM volumes."""
         return sorted(
             {
                 d
                 for d, kind in zip(self.post_labeling_delay, self.context, strict=True)
-                if kind in LABELED_TYPES
+                if kind in DELTAM_TYPES
             }
         )
 
     @property
     def volumes_per_delay(self) -> dict[str, int]:
-        """Labeled volumes at each delay."""
+        """Volumes making ΔM at each delay."""
         return {
             f"{d:g}": sum(
                 1
                 for v, kind in zip(self.post_labeling_delay, self.context, strict=True)
-                if v == d and kind in LABELED_TYPES
+                if v == d and kind in DELTAM_TYPES
             )
             for d in self.delays
         }
@@ -99,7 +101,7 @@ class AslRun:
 
     @property
     def is_multidelay(self) -> bool:
-        """More than one delay among the labeled volumes: the kinetic model is fitted."""
+        """More than one delay among the ΔM volumes: the kinetic model is fitted."""
         return len(self.delays) > 1
 
     @property

@@ -56,6 +56,11 @@ class Derivative:
     blocks: tuple[str, ...] = ()
     when: str = "always"
 
+    def __post_init__(self) -> None:
+        unknown = {self.when} - set(CONDITIONS) | set(self.blocks) - set(SIDECAR_BLOCKS)
+        if unknown:
+            raise ValueError(f"derivative {self.key!r}: unknown condition or block {unknown}")
+
     def filename(self, prefix: str) -> str:
         """``<prefix>[_space-X][_res-Y][_desc-Z]_<suffix><extension>``."""
         entities = [("space", self.space), ("res", self.res), ("desc", self.desc)]

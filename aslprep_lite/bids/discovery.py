@@ -77,21 +77,28 @@ def collect_data(
     per subject, as fMRIPrep builds by default).
     """
     filters = bids_filters or {}
-    base: dict[str, Any] = {"subject": subject, "extension": _NIFTI, "return_type": "filename"}
     sessions = [_strip_prefix(s, "ses-") for s in session_label]
-    try:
-        asl = layout.get(
-            **base,
-            datatype="perf",
-            suffix="asl",
+    queries = {
+        "asl": {
+            "datatype": "perf",
+            "suffix": "asl",
             **({"session": sessions} if sessions else {}),
-            **filters.get("asl", {}),
-        )
-        m0scan = layout.get(**base, datatype="perf", suffix="m0scan")
-        t1w = layout.get(**base, datatype="anat", suffix="T1w", **filters.get("t1w", {}))
-    except Exception as err:
-        raise AslprepError(f"invalid BIDS filter: {err}", path=str(layout.root)) from None
-    return SubjectData(asl=sorted(asl), m0scan=sorted(m0scan), t1w=sorted(t1w))
+        },
+        "m0scan": {"datatype": "perf", "suffix": "m0scan"},
+        "t1w": {"datatype": "anat", "suffix": "T1w"},
+    }
+    found = {}
+    for kind, query in queries.items():
+        # the filter file's entities override the defaults, as in fMRIPrep
+        query = {"subject": subject, "extension": _NIFTI, **query, **filters.get(kind, {})}
+        try:
+            found[kind] = sorted(layout.get(return_type="filename", **query))
+        except Exception as err:
+            raise AslprepError(
+                f"invalid BIDS filter for {kind!r}: {err}", path=str(layout.root)
+            ) from None
+    asl, m0scan, t1w = found["asl"], found["m0scan"], found["t1w"]
+    return SubjectData(asl=asl, m0scan=m0scan, t1w=t1w)
 
 
 def _intended_for(m0_meta: dict[str, Any], subject_dir: Path, bids_dir: Path) -> set[Path]:

@@ -65,9 +65,9 @@ def validate_run(
     bids_dir: Path,
     *,
     dummy_scans: int = 0,
+    find_m0,
     check_images: bool = True,
     m0_calibration: str = "voxel",
-    find_m0=None,
 ) -> AslRun:
     """Validate one ASL run's files and metadata.
 
@@ -131,7 +131,7 @@ def validate_run(
             context,
             repetition_time,
             background_suppression,
-            m0_file=find_m0(asl_file) if m0_type == "Separate" and find_m0 else None,
+            m0_file=find_m0(asl_file) if m0_type == "Separate" else None,
             check_images=check_images,
             notes=notes,
         )

@@ -80,6 +80,7 @@ def run_participants(settings: Settings, runs: Sequence[AslRun]) -> list[tuple[s
     crash_dir.mkdir(parents=True, exist_ok=True)
     _configure_nipype(settings, crash_dir)
     workflow = init_aslprep_lite_wf(settings, runs)
+    _forget_unwritten_outputs(settings, runs)
     _write_boilerplate(settings, collect_boilerplate(workflow))
 
     execution = settings.execution
@@ -109,6 +110,31 @@ def run_participants(settings: Settings, runs: Sequence[AslRun]) -> list[tuple[s
                 (run.asl_file, reasons[0] if reasons else "processing stopped before outputs")
             )
     return failures
+
+
+def _forget_unwritten_outputs(settings: Settings, runs: Sequence[AslRun]) -> None:
+    """Make the writer run again for a run whose derivatives are missing from the output.
+
+    nipype reruns a node only when its inputs change; derivatives deleted (or an output
+    directory emptied) since a run in the same work directory would otherwise stay missing.
+    """
+    from aslprep_lite.bids.derivatives import planned_paths
+    from aslprep_lite.workflows.asl.base import run_workflow_name
+    from aslprep_lite.workflows.base import subject_workflow_name
+
+    root = settings.execution.work_dir / "aslprep_lite_wf"
+    for run in runs:
+        planned = planned_paths(run, settings.quantification)
+        if all((settings.outputs.output_dir / path).exists() for path in planned):
+            continue
+        writer = (
+            root
+            / subject_workflow_name(run.subject)
+            / run_workflow_name(run)
+            / "outputs_wf"
+            / "write_derivatives"
+        )
+        shutil.rmtree(writer, ignore_errors=True)
 
 
 def _report_quality_warnings(output_dir: Path, run: AslRun) -> None:

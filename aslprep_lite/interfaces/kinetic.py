@@ -11,6 +11,7 @@ from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -63,8 +64,8 @@ class _FitInputSpec(BaseInterfaceInputSpec):
         mandatory=True, desc="constants with sources (quant.constants.quantification_record)"
     )
     att_method = traits.Enum("fit", "weighted-delay", mandatory=True)
-    att_prior = traits.Enum("local", "none", mandatory=True)
-    arterial_component = traits.Bool(False, usedefault=True)
+    att_prior = traits.Enum("local", "none", desc="--att-method fit only")
+    arterial_component = traits.Bool(desc="--att-method fit only")
     metadata = traits.Dict(
         usedefault=True, desc="fixed sidecar fields of the CBF map (model, delays)"
     )
@@ -125,6 +126,7 @@ class FitKineticModel(SimpleInterface):
         att_bounds = (0.0, kinetic.att_upper_bound(delays, inputs.asl_type))
         prior_record: dict[str, Any] | None = None
         fitted = inputs.att_method == "fit"
+        arterial = fitted and isdefined(inputs.arterial_component) and inputs.arterial_component
         if fitted:
             options = {
                 "att_bounds": att_bounds,
@@ -136,7 +138,7 @@ class FitKineticModel(SimpleInterface):
                 zooms = img.header.get_zooms()[:3]
                 options["att_prior"] = lambda fit: kinetic.local_att_prior(fit.att, mask, zooms)
             args = (signal, m0_vox, delays, durations)
-            if inputs.arterial_component:
+            if arterial:
                 fit, kept = kinetic.fit_with_arterial_selection(*args, **options)
                 arterial_voxels = int(kept.sum())
             else:
@@ -148,7 +150,7 @@ class FitKineticModel(SimpleInterface):
             maps["att_stderr"] = fit.att_se
             maps["fit_rsquared"] = fit.r2
             maps["cbf_stderr"] = fit.cbf_se
-            if inputs.arterial_component:
+            if arterial:
                 maps["abv"] = fit.abv
                 maps["abat"] = fit.abat
             codes, counts = np.unique(fit.reason[fit.failed], return_counts=True)
@@ -201,7 +203,7 @@ class FitKineticModel(SimpleInterface):
                     "model, p < 0.05",
                     "VoxelsWithArterialComponent": arterial_voxels,
                 }
-                if inputs.arterial_component
+                if arterial
                 else False
             ),
             "FitSettings": {

@@ -16,7 +16,6 @@ from nipype.interfaces.base import (
 
 from aslprep_lite.errors import AslprepError
 from aslprep_lite.images import check_signal, load_image, load_volume, save_image
-from aslprep_lite.quant import constants
 from aslprep_lite.quant.m0 import (
     brain_mask,
     reference_region_m0,
@@ -39,10 +38,10 @@ class _PrepareM0InputSpec(BaseInterfaceInputSpec):
     )
     m0_repetition_time = traits.Float(desc="TR of the M0 (Separate, Included, Absent), s")
     m0_estimate = traits.Float(desc="Estimate: M0Estimate")
-    field_strength = traits.Float(mandatory=True, desc="T, for the tissue T1")
+    constants = traits.Dict(mandatory=True, desc="quant.constants.m0_record of the run")
     has_deltam = traits.Bool(True, usedefault=True, desc="false: cbf-only series, no M0")
     m0_scale = traits.Float(1.0, usedefault=True, desc="multiplies the M0")
-    fwhm = traits.Float(5.0, usedefault=True, desc="smoothing FWHM (mm), voxelwise calibration")
+    fwhm = traits.Float(desc="voxelwise calibration: smoothing FWHM (mm)")
     calibration = traits.Enum("voxel", "csf", "wm", usedefault=True)
     reference_mask = File(exists=True, desc="csf|wm: the reference region on the ASL grid")
     echo_time = traits.Float(0.0, usedefault=True, desc="csf|wm: TE of the M0, s")
@@ -92,7 +91,8 @@ class PrepareM0(SimpleInterface):
         acquired, mask_source = self._acquired_m0(series, img, reference, meta)
         if acquired is not None:
             mask = brain_mask(acquired, zooms)
-            m0 = acquired * self._tr_correction(meta)
+            # the reference region applies its own T1 to the acquired M0
+            m0 = acquired * (self._tr_correction(meta) if inputs.calibration == "voxel" else 1.0)
         else:  # M0Estimate: one value; the mask comes from the images there are
             if "control" in inputs.context:
                 mask_source = "mean control"
@@ -117,7 +117,7 @@ class PrepareM0(SimpleInterface):
             )
         else:
             # (validation refuses M0Estimate here, so an acquired M0 image exists)
-            m0 = self._reference_calibration(runtime, img, acquired, mask, meta)
+            m0 = self._calibrate_by_reference(runtime, img, acquired, mask, meta)
         meta["BrainMask"] = (
             f"Otsu threshold of the {mask_source} smoothed at 3 mm FWHM, largest component, "
             "holes filled"
@@ -146,7 +146,11 @@ class PrepareM0(SimpleInterface):
             return resample_to(m0_raw, m0_img.affine, matrix, img.shape[:3], img.affine), "M0"
         if inputs.m0_type == "Included":
             m0, trs = included_m0(
-                series, inputs.context, inputs.repetition_time, inputs.field_strength
+                series,
+                inputs.context,
+                inputs.repetition_time,
+                t1_tissue=inputs.constants["TissueT1"]["Value"],
+                threshold=inputs.constants["M0TRThreshold"]["Value"],
             )
             check_signal(m0, inputs.asl_file, "M0")
             meta["Source"] = "m0scan volumes of the motion-corrected ASL series"
@@ -161,18 +165,19 @@ class PrepareM0(SimpleInterface):
 
     def _tr_correction(self, meta: dict) -> float:
         """Saturation-recovery factor of the M0's TR, recorded in ``meta``."""
-        tissue_t1 = constants.tissue_t1(self.inputs.field_strength)
-        threshold = constants.scalar("m0_tr_threshold")
+        tissue_t1 = self.inputs.constants["TissueT1"]
         factor = tr_correction_factor(
-            self.inputs.m0_repetition_time, tissue_t1.value, threshold.value
+            self.inputs.m0_repetition_time,
+            tissue_t1["Value"],
+            self.inputs.constants["M0TRThreshold"]["Value"],
         )
         meta["RepetitionTimePreparation"] = self.inputs.m0_repetition_time
         meta["TRCorrectionFactor"] = factor
         if factor != 1.0:
-            meta["TissueT1"] = tissue_t1.as_json()
+            meta["TissueT1"] = tissue_t1
         return factor
 
-    def _reference_calibration(self, runtime, img, acquired, mask, meta) -> np.ndarray:
+    def _calibrate_by_reference(self, runtime, img, acquired, mask, meta) -> np.ndarray:
         """A uniform M0 from the reference region's arterial-blood M0 (asl_calib)."""
         inputs = self.inputs
         # the reference region applies its own T1: the M0 before the TR correction
@@ -182,11 +187,12 @@ class PrepareM0(SimpleInterface):
             inputs.calibration,
             signal,
             region,
+            inputs.constants,
             repetition_time=inputs.m0_repetition_time,
             echo_time=inputs.echo_time,
             spin_echo=inputs.spin_echo,
         )
-        lam = constants.scalar("partition_coefficient").value
+        lam = inputs.constants["PartitionCoefficient"]["Value"]
         self._results["reference_mask_file"] = save_image(
             region, img, os.path.join(runtime.cwd, "reference_mask.nii"), dtype=np.uint8
         )
@@ -222,7 +228,9 @@ def included_m0(
     series: np.ndarray,
     context: list[str],
     repetition_time: list[float],
-    field_strength: float,
+    *,
+    t1_tissue: float,
+    threshold: float,
 ) -> tuple[np.ndarray, list[float]]:
     """Mean of the m0scan volumes, each first brought to the longest TR's saturation.
 
@@ -233,10 +241,8 @@ def included_m0(
     """
     indices = [i for i, kind in enumerate(context) if kind == "m0scan"]
     trs = [float(repetition_time[i]) for i in indices]
-    t1 = constants.tissue_t1(field_strength).value
-    threshold = constants.scalar("m0_tr_threshold").value
-    longest = tr_correction_factor(max(trs), t1, threshold)
-    weights = np.array([tr_correction_factor(tr, t1, threshold) / longest for tr in trs])
+    longest = tr_correction_factor(max(trs), t1_tissue, threshold)
+    weights = np.array([tr_correction_factor(tr, t1_tissue, threshold) / longest for tr in trs])
     return (series[..., indices] * weights).mean(axis=3), trs
 
 
@@ -244,14 +250,17 @@ def _reference_calibration(
     tissue: str,
     signal: np.ndarray,
     reference: np.ndarray,
+    table: dict,
     *,
     repetition_time: float,
     echo_time: float,
     spin_echo: bool,
 ):
-    """M0a from the reference region, and the sidecar record of how it was computed."""
-    table = constants.table()
-    values = table["reference_tissue"]["values"][tissue]
+    """M0a from the reference region, and the sidecar record of how it was computed.
+
+    ``table`` holds ``ReferenceTissue`` and ``BloodT2`` (:func:`constants.m0_record`).
+    """
+    values = table["ReferenceTissue"]["values"][tissue]
     echo = "t2" if spin_echo else "t2star"
     mean_signal = float(signal[reference].mean())
     m0a = reference_region_m0(
@@ -261,7 +270,7 @@ def _reference_calibration(
         t1_reference=values["t1"],
         t2_reference=values[echo],
         partition_coefficient=values["partition_coefficient"],
-        t2_blood=table["blood_t2"]["values"][echo],
+        t2_blood=table["BloodT2"]["values"][echo],
     )
     record = {
         "Method": f"reference region ({tissue.upper()}), as asl_calib in oxford_asl",
@@ -273,8 +282,8 @@ def _reference_calibration(
         "ReferenceT1": values["t1"],
         ("ReferenceT2" if echo == "t2" else "ReferenceT2Star"): values[echo],
         "ReferencePartitionCoefficient": values["partition_coefficient"],
-        ("BloodT2" if echo == "t2" else "BloodT2Star"): table["blood_t2"]["values"][echo],
-        "Sources": [table["reference_tissue"]["source"], table["blood_t2"]["sources"][echo]],
+        ("BloodT2" if echo == "t2" else "BloodT2Star"): table["BloodT2"]["values"][echo],
+        "Sources": [table["ReferenceTissue"]["source"], table["BloodT2"]["sources"][echo]],
         "M0a": m0a,
         "Equation": (
             "M0a = S_ref / (1 - exp(-TR/T1_ref)) * exp(TE/T2_ref) / pc_ref * exp(-TE/T2_blood)"

@@ -136,3 +136,17 @@ def quantification_record(
         key: text for key, text in sorted(table()["references"].items()) if key in cited
     }
     return record
+
+
+def m0_record(field_strength: float) -> dict[str, Any]:
+    """The constants the M0 step uses: saturation recovery, λ and the reference tissues.
+
+    Handed to the M0 node as an input, so that a changed table reruns it.
+    """
+    return {
+        "TissueT1": tissue_t1(field_strength).as_json(),
+        "M0TRThreshold": scalar("m0_tr_threshold").as_json(),
+        "PartitionCoefficient": scalar("partition_coefficient").as_json(),
+        "ReferenceTissue": table()["reference_tissue"],
+        "BloodT2": table()["blood_t2"],
+    }

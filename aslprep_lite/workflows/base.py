@@ -22,9 +22,14 @@ def init_aslprep_lite_wf(settings: Settings, runs: Sequence[AslRun]):
     return workflow
 
 
+def subject_workflow_name(subject: str) -> str:
+    """A valid nipype name for a participant's workflow."""
+    return "sub_" + re.sub(r"\W", "_", subject) + "_wf"
+
+
 def init_single_subject_wf(subject: str, runs: Sequence[AslRun], settings: Settings):
     """All ASL runs of one participant."""
-    workflow = pe.Workflow(name="sub_" + re.sub(r"\W", "_", subject) + "_wf")
+    workflow = pe.Workflow(name=subject_workflow_name(subject))
     workflow.add_nodes(
         [
             init_asl_wf(

@@ -11,6 +11,7 @@ from aslprep_lite.bids.asl_run import AslRun
 from aslprep_lite.bids.derivatives import planned_derivatives
 from aslprep_lite.config import QuantificationOptions
 from aslprep_lite.interfaces.series import LoadAslSeries
+from aslprep_lite.quant import constants
 from aslprep_lite.workflows.asl.cbf import FIT_MAPS, init_cbf_wf
 from aslprep_lite.workflows.asl.confounds import init_confounds_wf
 from aslprep_lite.workflows.asl.fit import init_hmc_wf, init_m0_wf
@@ -62,8 +63,9 @@ def init_asl_wf(
         name="load_series",
         mem_gb=mem_gb,
     )
-    hmc_wf = init_hmc_wf(omp_nthreads=omp_nthreads, seed=options.seed, mem_gb=mem_gb)
-    hmc_wf.inputs.inputnode.context = run.context
+    hmc_wf = init_hmc_wf(
+        context=run.context, omp_nthreads=omp_nthreads, seed=options.seed, mem_gb=mem_gb
+    )
     confounds_wf = init_confounds_wf()
     m0_wf = init_m0_wf(
         m0_type=run.m0_type,
@@ -73,7 +75,7 @@ def init_asl_wf(
         m0_estimate=run.m0_estimate,
         context=run.context,
         repetition_time=run.repetition_time,
-        field_strength=run.field_strength,
+        constants=constants.m0_record(run.field_strength),
         has_deltam=run.has_deltam,
         m0_scale=options.m0_scale,
         fwhm=options.smooth_kernel,

@@ -2,40 +2,51 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
 from aslprep_lite.bids.asl_run import AslRun
+from aslprep_lite.bids.derivatives import ASL_DERIVATIVES
 from aslprep_lite.config import QuantificationOptions
 from aslprep_lite.interfaces.cbf import ComputeCBF, ComputeDeltaM
 from aslprep_lite.interfaces.kinetic import FitKineticModel
 from aslprep_lite.quant import constants
 from aslprep_lite.quant.kinetic import ATT_PRIOR_FWHM
 
-#: Outputs of :func:`init_cbf_wf`; the multi-delay maps are named as in the output spec.
-OUTPUTS = [
-    "mean_deltam",
-    "cbf",
-    "cbf_timeseries",
-    "cbf_metadata",
-    "att",
-    "cbf_stderr",
-    "att_stderr",
-    "fit_rsquared",
-    "fit_failed",
-    "cbf_longestdelay",
-    "abv",
-    "abat",
-    "maps_metadata",
-]
-#: The maps of a multi-delay fit.
-FIT_MAPS = OUTPUTS[4:-1]
+#: The maps of a multi-delay fit: the derivatives whose sidecars carry the fit's "map" block.
+FIT_MAPS = [d.key for d in ASL_DERIVATIVES if "map" in d.blocks]
+#: Outputs of :func:`init_cbf_wf`; the maps are named by their key in the output spec.
+OUTPUTS = ["mean_deltam", "cbf", "cbf_timeseries", "cbf_metadata", *FIT_MAPS, "maps_metadata"]
 
-_DELTAM = (
-    "Perfusion-weighted images were computed as ΔM = control − label for each pair of volumes."
-)
+#: The PASL consensus equation by bolus cut-off technique (Alsop et al. 2015, eq. 2).
+_PASL_EQUATION = {
+    "QUIPSS": ("(TI − TI1)", "QUIPSS (Wong et al. 1998)"),
+    "QUIPSSII": ("TI1", "QUIPSS II (Wong et al. 1998)"),
+    "Q2TIPS": ("TI1", "Q2TIPS (Luh et al. 1999)"),
+}
+
+
+def _deltam_methods(context: Sequence[str]) -> str:
+    """Where ΔM came from: pairs subtracted here, or ΔM volumes computed on the scanner."""
+    pairs = "control" in context and "label" in context
+    scanner = "deltam" in context
+    text = []
+    if pairs:
+        text.append(
+            "Perfusion-weighted images were computed as ΔM = control − label for each pair "
+            "of volumes."
+        )
+    if scanner:
+        text.append(
+            ("ΔM volumes" if pairs else "The ΔM volumes")
+            + " computed on the scanner (deltam) were used as acquired."
+        )
+    return " ".join(text)
+
+
 _SLICE_TIMING = " For the 2D readout the delay of each slice included its acquisition time."
 
 
@@ -158,16 +169,13 @@ def _connect_kinetic_fit(
         "PostLabelingDelay" if run.asl_type != "PASL" else "InversionTime": run.delays,
     }
     fit = pe.Node(
-        FitKineticModel(
-            **timing,
-            att_method=options.att_method,
-            att_prior=options.att_prior,
-            arterial_component=options.arterial_component,
-            metadata=metadata,
-        ),
+        FitKineticModel(**timing, att_method=options.att_method, metadata=metadata),
         name="kinetic_fit",
         mem_gb=mem_gb,
     )
+    for name in ("att_prior", "arterial_component"):  # only where they act (--att-method fit)
+        if options.applies(name, multidelay=True):
+            setattr(fit.inputs, name, getattr(options, name))
     inputnode, outputnode = workflow.get_node("inputnode"), workflow.get_node("outputnode")
     workflow.connect([
         (inputnode, fit, [("m0_file", "m0_file"), ("mask_file", "mask_file")]),
@@ -190,8 +198,9 @@ def cbf_methods(run: AslRun, options: QuantificationOptions, quantification: dic
         )
     else:
         efficiency = f"labeling efficiency α = {alpha:.3g}"
+    lam = quantification["PartitionCoefficient"]["Value"]
     constants_text = (
-        f"λ = 0.9 mL/g, blood T1 = {quantification['BloodT1']['Value']:g} s at "
+        f"λ = {lam:g} mL/g, blood T1 = {quantification['BloodT1']['Value']:g} s at "
         f"{run.field_strength:g} T and {efficiency} (values and sources in the CBF sidecar)"
     )
     slices = _SLICE_TIMING if run.slice_timing else ""
@@ -203,18 +212,19 @@ def cbf_methods(run: AslRun, options: QuantificationOptions, quantification: dic
     if run.is_multidelay:
         return _multidelay_methods(run, options) + f" Constants: {constants_text}." + slices
     if run.asl_type == "PASL":
+        width, technique = _PASL_EQUATION[run.bolus_cutoff_technique]
         equation = (
-            "CBF = 6000·λ·ΔM·exp(TI/T1b) / (2·α·TI1·M0) for PASL with "
-            f"{run.bolus_cutoff_technique} bolus cut-off (Wong et al. 1998; Luh et al. 1999)"
+            f"CBF = 6000·λ·ΔM·exp(TI/T1b) / (2·α·{width}·M0) for PASL with {technique} "
+            "bolus cut-off"
         )
     else:
         equation = (
             f"CBF = 6000·λ·ΔM·exp(PLD/T1b) / (2·α·T1b·M0·(1 − exp(−τ/T1b))) for {run.asl_type}"
         )
     return (
-        f"{_DELTAM} Cerebral blood flow was quantified with the single-compartment model "
-        f"recommended by the ASL consensus (Alsop et al. 2015): {equation}, with "
-        f"{constants_text}.{slices}"
+        f"{_deltam_methods(run.context)} Cerebral blood flow was quantified with the "
+        "single-compartment model recommended by the ASL consensus (Alsop et al. 2015): "
+        f"{equation}, with {constants_text}.{slices}"
     )
 
 
@@ -238,10 +248,11 @@ def _multidelay_methods(run: AslRun, options: QuantificationOptions) -> str:
     )
     arterial = options.att_method == "fit" and options.arterial_component
     return (
-        f"{_DELTAM} For this multi-delay acquisition ({len(run.delays)} delays) the general "
-        "kinetic model (Buxton et al. 1998), a single well-mixed compartment whose label "
-        "relaxes with the blood T1 as in the consensus model (Alsop et al. 2015; Woods et al. "
-        f"2024), was fitted to ΔM at every voxel of the brain mask, with {att}"
+        f"{_deltam_methods(run.context)} For this multi-delay acquisition "
+        f"({len(run.delays)} delays) the general kinetic model (Buxton et al. 1998), a single "
+        "well-mixed compartment whose label relaxes with the blood T1 as in the consensus "
+        "model (Alsop et al. 2015; Woods et al. 2024), was fitted to ΔM at every voxel of the "
+        f"brain mask, with {att}"
         + (
             ", and a macrovascular component (arterial blood volume and arrival time; "
             "Chappell et al. 2010), kept where an F-test supported it"

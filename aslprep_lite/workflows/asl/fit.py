@@ -19,15 +19,40 @@ from aslprep_lite.quant import constants
 _REGISTERED_TYPES = ("control", "label")
 
 
-def init_hmc_wf(*, omp_nthreads: int, seed: int, mem_gb: float, name: str = "hmc_wf"):
+def hmc_methods(context: Sequence[str]) -> str:
+    """The methods paragraph of head-motion correction for a series of these volume types."""
+    if sum(kind in _REGISTERED_TYPES for kind in context) < 2:
+        return (
+            "Head-motion correction was skipped: the series has fewer than two control/label "
+            "volumes to register (motion confounds are n/a)."
+        )
+    m0 = "m0scan" in context
+    return (
+        "Head motion was estimated with a rigid-body registration of every volume "
+        "(SimpleITK; Lowekamp et al. 2013), separately for each volume type since "
+        + ("control, label and M0 images differ" if m0 else "control and label images differ")
+        + " in contrast: each volume was registered to the mean of its type (normalized "
+        "correlation), and each type's mean to the reference, the mean control image"
+        + (" (mutual information for M0 volumes; Mattes et al. 2003)" if m0 else "")
+        + ". The series was resampled once, with cubic B-spline interpolation, applying each "
+        "volume's transform."
+    )
+
+
+def init_hmc_wf(
+    *, context: Sequence[str], omp_nthreads: int, seed: int, mem_gb: float, name: str = "hmc_wf"
+):
     """Estimate rigid head motion per volume type and resample the series once.
+
+    Parameters
+    ----------
+    context
+        Volume type of each volume (aslcontext), after the dummy scans.
 
     Inputs
     ------
     asl_file
         ASL series (dummy scans removed).
-    context
-        Volume type of each volume (aslcontext).
 
     Outputs
     -------
@@ -43,15 +68,9 @@ def init_hmc_wf(*, omp_nthreads: int, seed: int, mem_gb: float, name: str = "hmc
         True when no volume was registered.
     """
     workflow = pe.Workflow(name=name)
-    workflow.__desc__ = (
-        "Head motion was estimated with a rigid-body registration of every volume "
-        "(SimpleITK; Lowekamp et al. 2013), separately for each volume type since control, "
-        "label and M0 images differ in contrast: each volume was registered to the mean of "
-        "its type (normalized correlation), and each type's mean to the reference, the mean "
-        "control image (mutual information for M0 volumes; Mattes et al. 2003). The series "
-        "was resampled once, with cubic B-spline interpolation, applying each volume's transform."
-    )
+    workflow.__desc__ = hmc_methods(context)
     inputnode = pe.Node(IdentityInterface(fields=["asl_file", "context"]), name="inputnode")
+    inputnode.inputs.context = list(context)
     outputnode = pe.Node(
         IdentityInterface(
             fields=["asl_file", "reference", "transforms", "hmc_summary", "hmc_skipped"]
@@ -87,6 +106,7 @@ def m0_methods(
     m0_type: str,
     m0_repetition_time: float | None,
     registered: bool,
+    has_control: bool,
     m0_scale: float,
     fwhm: float,
     calibration: str,
@@ -109,9 +129,10 @@ def m0_methods(
         "Absent": "the mean control image, acquired without background suppression",
     }[m0_type]
     sentences = [f"The calibration M0 was taken from {source}."]
-    if m0_type != "Estimate":
+    # the reference region corrects for its own T1 (below), not the tissue's
+    if m0_type != "Estimate" and calibration == "voxel" and m0_repetition_time is not None:
         threshold = constants.scalar("m0_tr_threshold").value
-        if m0_repetition_time is not None and m0_repetition_time < threshold:
+        if m0_repetition_time < threshold:
             sentences.append(
                 f"Acquired with a repetition time of {m0_repetition_time:g} s (below "
                 f"{threshold:g} s), it was divided by 1 − exp(−TR/T1,tissue) to account for "
@@ -128,7 +149,8 @@ def m0_methods(
         tissue = {"csf": "cerebrospinal fluid", "wm": "white matter"}[calibration]
         sentences.append(
             "CBF was calibrated with one arterial-blood M0 (M0a) from a reference region of "
-            f"{tissue} given as a mask, as asl_calib of oxford_asl does: M0a = S_ref / "
+            f"{tissue} given as a mask, as asl_calib of oxford_asl does, from the M0 as "
+            "acquired: M0a = S_ref / "
             "(1 − exp(−TR/T1_ref)) · exp(TE/T2_ref) / λ_ref · exp(−TE/T2_blood), with T2* for "
             "gradient-echo and T2 for spin-echo readouts; reference T1, T2 and λ are listed "
             "in the M0 sidecar."
@@ -140,9 +162,10 @@ def m0_methods(
             if fwhm > 0
             else "It was not smoothed."
         )
-    mask_source = {"Absent": "mean control image", "Estimate": "mean control image"}.get(
-        m0_type, "M0"
-    )
+    mask_source = {
+        "Absent": "mean control image",
+        "Estimate": "mean control image" if has_control else "ASL reference image",
+    }.get(m0_type, "M0")
     sentences.append(
         f"The brain mask was an Otsu threshold (Otsu 1979) of the {mask_source} smoothed at "
         "3 mm FWHM, its largest component with holes filled."
@@ -159,7 +182,7 @@ def init_m0_wf(
     m0_estimate: float | None,
     context: Sequence[str],
     repetition_time: Sequence[float],
-    field_strength: float,
+    constants: dict,
     has_deltam: bool,
     m0_scale: float,
     fwhm: float,
@@ -199,6 +222,7 @@ def init_m0_wf(
             m0_type=m0_type,
             m0_repetition_time=m0_repetition_time,
             registered=registered,
+            has_control="control" in context,
             m0_scale=m0_scale,
             fwhm=fwhm,
             calibration=calibration,
@@ -212,10 +236,9 @@ def init_m0_wf(
         PrepareM0(
             context=list(context),
             m0_type=m0_type,
-            field_strength=field_strength,
+            constants=constants,
             has_deltam=has_deltam,
             m0_scale=m0_scale,
-            fwhm=fwhm,
             calibration=calibration,
             echo_time=echo_time,
             spin_echo=spin_echo,
@@ -223,6 +246,8 @@ def init_m0_wf(
         ),
         name="prepare_m0",
     )
+    if calibration == "voxel":  # the smoothing acts only on a voxelwise M0
+        prepare.inputs.fwhm = fwhm
     if m0_type == "Included":
         prepare.inputs.repetition_time = list(repetition_time)
     if m0_repetition_time is not None:
