@@ -221,14 +221,13 @@ def build_settings(options: Any) -> Settings:
             plugin_args=plugin_args,
             verbosity=options.verbose - options.quiet,
         ),
+        # the parser's destinations carry the field names: one place lists the options
         quantification=QuantificationOptions(
-            m0_scale=options.m0_scale,
-            smooth_kernel=options.smooth_kernel,
-            dummy_scans=options.dummy_scans,
-            att_method=options.att_method,
-            att_prior=options.att_prior,
-            arterial_component=options.arterial_component,
-            m0_calibration=options.m0_calibration,
+            **{
+                f.name: getattr(options, f.name)
+                for f in fields(QuantificationOptions)
+                if hasattr(options, f.name) and f.name != "m0_reference_mask"
+            },
             m0_reference_mask=reference_mask,
         ),
         outputs=OutputOptions(output_dir=output_dir),
