@@ -133,6 +133,20 @@ def _methods(run, **options) -> str:
     return "\n\n".join(collect_boilerplate(top))
 
 
+def test_methods_of_runs_that_differ_are_attributed(runs):
+    top = pe.Workflow(name="top")
+    subject = pe.Workflow(name="sub_wf")
+    subject.add_nodes([_build(runs[name])[0] for name in ("separate", "estimate", "absent")])
+    top.add_nodes([subject])
+    paragraphs = collect_boilerplate(top)
+    m0 = [p for p in paragraphs if "calibration M0" in p]
+    labels = [p.split(":")[0] for p in m0]
+    assert labels == ["For sub-absent", "For sub-estimate", "For sub-separate"]  # sorted runs
+    # head motion is described the same way for all three: one paragraph, no attribution
+    assert sum("Head motion was estimated" in p for p in paragraphs) == 1
+    assert not any(p.startswith("For") and "Head motion" in p for p in paragraphs)
+
+
 def test_methods_in_processing_order(runs):
     text = _methods(runs["separate"])
     order = ["Head motion was estimated", "The calibration M0", "Cerebral blood flow was", "Six"]

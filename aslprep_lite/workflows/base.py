@@ -45,17 +45,23 @@ def init_single_subject_wf(subject: str, runs: Sequence[AslRun], settings: Setti
 
 
 def collect_boilerplate(workflow: pe.Workflow) -> list[str]:
-    """The ``__desc__`` methods paragraphs of every run's stages, in processing order.
+    """The ``__desc__`` methods paragraphs of the runs' stages, in processing order.
 
-    Uses nipype's public ``list_node_names`` and ``get_node`` only. A paragraph shared by
-    several runs appears once.
+    A stage described the same way for every run gives one paragraph; where runs differ (an
+    M0 scan for one, M0Estimate for another), each text is given once, after the runs it is
+    true for. Uses nipype's public ``list_node_names`` and ``get_node`` only.
     """
     names = workflow.list_node_names()  # "sub_<label>_wf.asl_<prefix>.<stage>.<node>"
     runs = sorted({".".join(name.split(".")[:2]) for name in names})
     paragraphs: list[str] = []
-    for run in runs:
-        for stage in STAGES:
+    for stage in STAGES:
+        texts: dict[str, list[str]] = {}
+        for run in runs:
             desc = getattr(workflow.get_node(f"{run}.{stage}"), "__desc__", None)
-            if desc and desc not in paragraphs:
-                paragraphs.append(desc)
+            if desc:
+                texts.setdefault(desc, []).append(workflow.get_node(run).methods_label)
+        if len(texts) == 1:
+            paragraphs += list(texts)
+        else:
+            paragraphs += [f"For {', '.join(labels)}: {text}" for text, labels in texts.items()]
     return paragraphs

@@ -56,6 +56,7 @@ def init_asl_wf(
     """
     mem_gb = max(0.2, 4 * _series_gb(run))
     workflow = pe.Workflow(name=run_workflow_name(run))
+    workflow.methods_label = run.prefix  # names the run where its methods differ from others
     load = pe.Node(
         LoadAslSeries(
             in_file=run.asl_file, n_volumes=run.n_source_volumes, dummy_scans=run.dummy_scans
