@@ -42,7 +42,8 @@ RUN --mount=type=secret,id=pipcert \
     && find /opt/aslprep_lite/lib -depth -type d \
         \( -path '*/numpy/*/tests' -o -path '*/scipy/*/tests' -o -path '*/pandas/tests' \
            -o -path '*/nipype/testing/data' \) -exec rm -rf {} + \
-    && /opt/aslprep_lite/bin/python -c "import aslprep_lite.workflows.base, bids, SimpleITK"
+    && /opt/aslprep_lite/bin/python -c "import aslprep_lite.workflows.base, bids, SimpleITK" \
+    && /opt/aslprep_lite/bin/python -c "from aslprep_lite.templates import layout_embedded_home; layout_embedded_home('/opt/templateflow')"
 
 FROM ${BASE}
 ARG VERSION=0.1.0
@@ -58,6 +59,10 @@ RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb /usr/share/doc/* /usr/share/man/*
 COPY --from=builder /opt/aslprep_lite /opt/aslprep_lite
+# The embedded TemplateFlow home (MNI152NLin2009aSym from nilearn's files), laid out at build
+# time so that a read-only image serves it offline; mount a TemplateFlow folder and set
+# TEMPLATEFLOW_HOME for other templates (docs/hpc.md).
+COPY --from=builder /opt/templateflow /opt/templateflow
 # Any UID, read-only image (Apptainer): nothing is written into the image at run time. HOME
 # (nipype's ~/.nipype) points to /tmp, which Docker and Apptainer both make writable; Apptainer
 # replaces HOME with the caller's own. Python's bytecode is precompiled at install time.
@@ -65,6 +70,7 @@ COPY --from=builder /opt/aslprep_lite /opt/aslprep_lite
 ENV PATH=/opt/aslprep_lite/bin:${PATH} \
     HOME=/tmp \
     NIPYPE_NO_ET=1 \
+    ASLPREP_LITE_TEMPLATES=/opt/templateflow \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     LANG=C.UTF-8

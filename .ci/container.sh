@@ -89,6 +89,16 @@ check_cli() {
   say "ok: --version: $got; --help"
 }
 
+check_templates() {  # the embedded template is served offline, read-only, as a non-root user
+  local got
+  got=$("$ENGINE" run --rm --network none --read-only --tmpfs /tmp --user "$RUN_USER" \
+    --entrypoint python "$IMAGE" -c "from aslprep_lite.templates import get_template; \
+print(get_template('MNI152NLin2009aSym', resolution=2, suffix='T1w'))")
+  [ "$got" = "/opt/templateflow/tpl-MNI152NLin2009aSym/tpl-MNI152NLin2009aSym_res-2_T1w.nii.gz" ] \
+    || { say "FAIL: embedded template not served: '$got'"; exit 1; }
+  say "ok: embedded template served offline: $got"
+}
+
 bad_run() {
   mkdir_for_user "$SCRATCH/bad-out" "$SCRATCH/bad-work"
   local rc=0
@@ -104,5 +114,6 @@ timed "example dataset (host)" "$PY" .ci/smoke.py generate "$SCRATCH"
 timed "example run in the container" example_run
 timed "output checks (host)" check_outputs
 timed "--version/--help" check_cli
+timed "embedded template" check_templates
 timed "invalid dataset run" bad_run
 say "all container checks passed in $((SECONDS - T0)) s"
