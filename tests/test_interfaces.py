@@ -33,7 +33,7 @@ def _kinetic_node_run(tmp_path, truth, m0_scale=1.0, **options):
     from aslprep_lite.config import QuantificationOptions
     from aslprep_lite.interfaces.cbf import ComputeDeltaM
     from aslprep_lite.interfaces.kinetic import FitKineticModel
-    from aslprep_lite.quant.constants import quantification_record
+    from aslprep_lite.workflows.asl.cbf import quantification_of
 
     (run,) = discover(tmp_path / "bids").runs
     settings = QuantificationOptions(**options)
@@ -54,13 +54,7 @@ def _kinetic_node_run(tmp_path, truth, m0_scale=1.0, **options):
         asl_type=run.asl_type,
         post_labeling_delay=run.post_labeling_delay,
         labeling_duration=run.labeling_duration,
-        quantification=quantification_record(
-            field_strength=run.field_strength,
-            asl_type=run.asl_type,
-            labeling_efficiency_given=run.labeling_efficiency,
-            background_suppression=run.background_suppression,
-            bs_pulses=run.bs_pulses,
-        ),
+        quantification=quantification_of(run),
         att_method=settings.att_method,
         att_prior=settings.att_prior,
     )

@@ -130,7 +130,8 @@ def _fields_names(tree: ast.Module) -> set[str]:
             if "SidecarFields" in ast.unparse(node.annotation):
                 names.add(node.arg)
         elif isinstance(node, ast.Assign) and any(
-            isinstance(call, ast.Call) and _callee(call) == "SidecarFields"
+            # SidecarFields(...) or a constructor such as SidecarFields.of_image(...)
+            isinstance(call, ast.Call) and ast.unparse(call.func).startswith("SidecarFields")
             for call in ast.walk(node.value)
         ):
             names.update(t.id for t in node.targets if isinstance(t, ast.Name))

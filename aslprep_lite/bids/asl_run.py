@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from aslprep_lite.config import QuantificationOptions
+from aslprep_lite.quant.motion import MIN_REGISTERED_VOLUMES, estimates_motion
 
 #: Volume types that carry labeled blood, so their PLD and labeling duration matter.
 LABELED_TYPES = frozenset({"control", "label", "deltam", "cbf"})
@@ -107,9 +108,10 @@ class AslRun:
     @property
     def hmc_summary(self) -> str:
         """What head-motion correction will do for this run."""
-        n_pairs = sum(kind in ("control", "label") for kind in self.context)
-        if n_pairs < 2:
-            return "skipped: fewer than 2 control/label volumes to register"
+        if not estimates_motion(self.context):
+            return (
+                f"skipped: fewer than {MIN_REGISTERED_VOLUMES} control/label volumes to register"
+            )
         types = sorted({k for k in self.context if k in ("control", "label", "m0scan", "noRF")})
         return "rigid, estimated per volume type (" + ", ".join(types) + ")"
 

@@ -95,6 +95,12 @@ class SidecarFields:
         self.metadata = metadata
         self.path = str(path)
 
+    @classmethod
+    def of_image(cls, image: Path) -> SidecarFields:
+        """The fields of the JSON sidecar beside ``image`` (no inheritance)."""
+        sidecar = sidecar_of(image)
+        return cls(read_json(sidecar), sidecar)
+
     def error(self, key: str, message: str) -> AslprepError:
         """The one-line error for field ``key`` of this sidecar."""
         return AslprepError(f"field '{key}' {message}", path=self.path)

@@ -20,7 +20,6 @@ from aslprep_lite.bids.files import (
     asl_prefix,
     image_shape,
     read_aslcontext,
-    read_json,
     sidecar_of,
 )
 from aslprep_lite.errors import AslprepError
@@ -120,8 +119,9 @@ def validate_run(
     labeling_duration = ld_all[keep] if ld_all is not None else None
     repetition_time = tr_all[keep]
     _check_pair_timing(fields, subtraction, dummy_scans, pld, labeling_duration)
-    _check_bolus_against_delays(fields, bolus_technique, bolus_delay, pld, context)
-    quality = _short_delay_warnings(asl_type, pld, context) if subtraction.n_volumes else []
+    labeled = {p for p, kind in zip(pld, context, strict=True) if kind in LABELED_TYPES}
+    _check_bolus_against_delays(fields, bolus_technique, bolus_delay, labeled)
+    quality = _short_delay_warnings(asl_type, labeled) if subtraction.n_volumes else []
 
     m0 = _M0()
     if subtraction.n_volumes:
@@ -470,11 +470,9 @@ def _check_bolus_against_delays(
     fields: SidecarFields,
     technique: str | None,
     bolus_delay: list[float] | None,
-    pld: Sequence[float],
-    context: Sequence[str],
+    labeled: set[float],
 ) -> None:
-    """PASL: the inversion times must leave room for the bolus cut-off."""
-    labeled = {p for p, kind in zip(pld, context, strict=True) if kind in LABELED_TYPES}
+    """PASL: the inversion times (of the labeled volumes) must leave room for the cut-off."""
     if technique == "QUIPSS" and len(labeled) > 1:
         raise fields.error(
             "BolusCutOffTechnique",
@@ -498,11 +496,11 @@ def _check_bolus_against_delays(
         )
 
 
-def _short_delay_warnings(
-    asl_type: str, pld: Sequence[float], context: Sequence[str]
-) -> list[str]:
-    """Single-delay runs imaged before the label reaches tissue: the map shows vessels."""
-    labeled = {p for p, kind in zip(pld, context, strict=True) if kind in LABELED_TYPES}
+def _short_delay_warnings(asl_type: str, labeled: set[float]) -> list[str]:
+    """Single-delay runs imaged before the label reaches tissue: the map shows vessels.
+
+    ``labeled`` holds the distinct delays of the labeled volumes.
+    """
     threshold = constants.scalar("minimum_tissue_delay").value
     if len(labeled) != 1 or min(labeled) >= threshold:
         return []
@@ -562,7 +560,7 @@ def _separate_m0(
             "is Separate but no perf/*_m0scan.nii[.gz] has IntendedFor naming this run "
             "or shares its entities: add the M0 or correct M0Type",
         )
-    m0_fields = SidecarFields(read_json(sidecar_of(m0_file)), sidecar_of(m0_file))
+    m0_fields = SidecarFields.of_image(m0_file)
     key = (
         "RepetitionTimePreparation"
         if m0_fields.has("RepetitionTimePreparation")
@@ -603,9 +601,7 @@ def _read_reference_echo(
             f"is Estimate: --m0-calibration {m0_calibration} needs an M0 image "
             "(Separate, Included or Absent)",
         )
-    m0_fields = (
-        SidecarFields(read_json(sidecar_of(m0_file)), sidecar_of(m0_file)) if m0_file else fields
-    )
+    m0_fields = SidecarFields.of_image(m0_file) if m0_file else fields
     echo_time = 0.0
     if m0_fields.has("EchoTime"):
         echo_time = m0_fields.first_number("EchoTime")

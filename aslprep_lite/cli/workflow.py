@@ -71,7 +71,6 @@ def run_participants(settings: Settings, runs: Sequence[AslRun]) -> list[tuple[s
         For each run that failed or did not write all its outputs, its ASL file and the
         one-line reason (from the crash files, or ``"processing stopped before outputs"``).
     """
-    from aslprep_lite.bids.derivatives import planned_paths
     from aslprep_lite.workflows.asl.base import run_workflow_name
     from aslprep_lite.workflows.base import collect_boilerplate, init_aslprep_lite_wf
 
@@ -103,9 +102,7 @@ def run_participants(settings: Settings, runs: Sequence[AslRun]) -> list[tuple[s
         _report_quality_warnings(output_dir, run)
         name = run_workflow_name(run)
         reasons = [msg for node, msg in messages.items() if f".{name}." in f".{node}."]
-        planned = planned_paths(run, settings.quantification)
-        missing = [f for f in planned if not (output_dir / f).exists()]
-        if reasons or missing:
+        if reasons or _missing_outputs(settings, run):
             failures.append(
                 (run.asl_file, reasons[0] if reasons else "processing stopped before outputs")
             )
@@ -118,14 +115,12 @@ def _forget_unwritten_outputs(settings: Settings, runs: Sequence[AslRun]) -> Non
     nipype reruns a node only when its inputs change; derivatives deleted (or an output
     directory emptied) since a run in the same work directory would otherwise stay missing.
     """
-    from aslprep_lite.bids.derivatives import planned_paths
     from aslprep_lite.workflows.asl.base import run_workflow_name
     from aslprep_lite.workflows.base import subject_workflow_name
 
     root = settings.execution.work_dir / "aslprep_lite_wf"
     for run in runs:
-        planned = planned_paths(run, settings.quantification)
-        if all((settings.outputs.output_dir / path).exists() for path in planned):
+        if not _missing_outputs(settings, run):
             continue
         writer = (
             root
@@ -135,6 +130,15 @@ def _forget_unwritten_outputs(settings: Settings, runs: Sequence[AslRun]) -> Non
             / "write_derivatives"
         )
         shutil.rmtree(writer, ignore_errors=True)
+
+
+def _missing_outputs(settings: Settings, run: AslRun) -> list[str]:
+    """The derivatives of ``run`` (output spec) that are not in the output directory."""
+    from aslprep_lite.bids.derivatives import planned_paths
+
+    output_dir = settings.outputs.output_dir
+    planned = planned_paths(run, settings.quantification)
+    return [path for path in planned if not (output_dir / path).exists()]
 
 
 def _report_quality_warnings(output_dir: Path, run: AslRun) -> None:

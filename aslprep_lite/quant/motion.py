@@ -15,7 +15,19 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+
+#: Head motion is estimated only with at least this many control/label volumes: the
+#: registration targets are their means.
+MIN_REGISTERED_VOLUMES = 2
+
+
+def estimates_motion(context: Sequence[str]) -> bool:
+    """Whether head-motion correction registers a series of these volume types."""
+    return sum(kind in ("control", "label") for kind in context) >= MIN_REGISTERED_VOLUMES
+
 
 __all__ = [
     "PARAMETER_NAMES",

@@ -58,6 +58,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from aslprep_lite.config import RANDOM_SEED
+from aslprep_lite.quant.motion import MIN_REGISTERED_VOLUMES
 
 __all__ = [
     "MotionEstimate",
@@ -537,7 +538,7 @@ def estimate_motion(
         kind: [i for i, t in enumerate(types) if t == kind] for kind in _VOLUME_TYPES.values()
     }
     n_perfusion = len(indices["control"]) + len(indices["label"])
-    if n_perfusion < 2:
+    if n_perfusion < MIN_REGISTERED_VOLUMES:
         if indices["m0scan"]:
             ref_type, ref_idx = "m0scan", indices["m0scan"]
         else:

@@ -50,6 +50,17 @@ def _deltam_methods(context: Sequence[str]) -> str:
 _SLICE_TIMING = " For the 2D readout the delay of each slice included its acquisition time."
 
 
+def quantification_of(run: AslRun) -> dict[str, Any]:
+    """The constants ``run`` is quantified with (:func:`constants.quantification_record`)."""
+    return constants.quantification_record(
+        field_strength=run.field_strength,
+        asl_type=run.asl_type,
+        labeling_efficiency_given=run.labeling_efficiency,
+        background_suppression=run.background_suppression,
+        bs_pulses=run.bs_pulses,
+    )
+
+
 def init_cbf_wf(run: AslRun, options: QuantificationOptions, *, mem_gb: float, name="cbf_wf"):
     """Subtract label from control and quantify CBF.
 
@@ -81,13 +92,7 @@ def init_cbf_wf(run: AslRun, options: QuantificationOptions, *, mem_gb: float, n
     maps_metadata
         Multi-delay runs: sidecar fields of those maps that depend on the run.
     """
-    quantification = constants.quantification_record(
-        field_strength=run.field_strength,
-        asl_type=run.asl_type,
-        labeling_efficiency_given=run.labeling_efficiency,
-        background_suppression=run.background_suppression,
-        bs_pulses=run.bs_pulses,
-    )
+    quantification = quantification_of(run)
     timing = {
         "context": run.context,
         "asl_type": run.asl_type,

@@ -15,13 +15,14 @@ from aslprep_lite.interfaces.hmc import ApplyHeadMotion, EstimateHeadMotion
 from aslprep_lite.interfaces.m0 import PrepareM0
 from aslprep_lite.interfaces.registration import RigidRegistration
 from aslprep_lite.quant import constants
+from aslprep_lite.quant.motion import estimates_motion
 
 _REGISTERED_TYPES = ("control", "label")
 
 
 def hmc_methods(context: Sequence[str]) -> str:
     """The methods paragraph of head-motion correction for a series of these volume types."""
-    if sum(kind in _REGISTERED_TYPES for kind in context) < 2:
+    if not estimates_motion(context):
         return (
             "Head-motion correction was skipped: the series has fewer than two control/label "
             "volumes to register (motion confounds are n/a)."
