@@ -67,6 +67,21 @@ equals the single-delay formulas above. That module's equations are checked agai
 values in ``tests/test_kinetic.py``; ``tests/test_synthetic.py`` checks the written data
 against its own closed form. The single-delay path (``plds`` None) does not use it.
 
+Anatomy
+-------
+With ``anatomy`` set (an :class:`~aslprep_lite.synthetic_anatomy.AnatomySpec`), the tissue
+fractions come from a synthetic subject made from the MNI152NLin2009aSym template
+(:mod:`aslprep_lite.synthetic_anatomy`) instead of the ellipsoidal phantom: GM, WM and CSF are
+the template's probabilities carried through the subject's known warp and the head motion
+between the T1w and the ASL scans, averaged over 3 x 3 x 3 sub-voxels (no further smoothing:
+the template maps are smooth already), and the scalp is the subject's scalp band. The ASL grid
+is axis-aligned in the ASL world and centred on the brain; with the phantom's default matrix
+and voxel size it becomes :data:`ANATOMY_ASL_SHAPE` x :data:`ANATOMY_ASL_ZOOMS`, which holds
+the whole brain. The dataset gets ``sub-<label>/anat/sub-<label>_T1w.nii.gz`` once per
+subject. Everything after the fractions (M0, CBF, kinetics, motion, noise) is as above, and
+:class:`SyntheticTruth` carries the anatomy with the true transforms
+(:meth:`SyntheticTruth.in_template`).
+
 Rigid motion (``motion_mm > 0``) is a smooth random drift plus one or two single-volume spikes,
 all six parameters bounded by ``motion_mm`` (mm for translations, degrees for rotations), with
 the first volume of the series unmoved. The slice-timing factor is applied after the motion,
@@ -86,8 +101,24 @@ import numpy as np
 from scipy import ndimage
 
 from aslprep_lite.images import write_nifti
+from aslprep_lite.synthetic_anatomy import AnatomySpec, SyntheticAnatomy, make_anatomy
 
-__all__ = ["SyntheticSpec", "SyntheticTruth", "write_dataset"]
+__all__ = [
+    "ANATOMY_ASL_SHAPE",
+    "ANATOMY_ASL_ZOOMS",
+    "AnatomySpec",
+    "SyntheticSpec",
+    "SyntheticTruth",
+    "write_dataset",
+]
+
+#: ASL matrix and voxel size (mm) of a series with an anatomy whose spec keeps the phantom's
+#: default grid: 196 x 224 x 200 mm, which holds the brain (cerebellum and brain stem included)
+#: of 30 random subjects with at least 6 mm to spare.
+ANATOMY_ASL_SHAPE = (56, 64, 50)
+ANATOMY_ASL_ZOOMS = (3.5, 3.5, 4.0)
+_PHANTOM_SHAPE = (32, 32, 12)
+_PHANTOM_ZOOMS = (3.5, 3.5, 5.0)
 
 # Constants of the forward model. They deliberately live here and not in quant/constants.py:
 # the truth must not change when the pipeline's constants do (tests/test_synthetic.py checks
@@ -111,6 +142,16 @@ _GM_THICKNESS = 2.5  # voxels; thick enough that the shell keeps >= 90 % GM voxe
 _PV_SIGMA = 0.7  # voxels
 _SUPERSAMPLE = 3
 _GM_MASK_THRESHOLD = 0.9
+
+# T1w sidecar of a synthetic anatomy: a typical 3 T MPRAGE (s and degrees).
+_T1W_METADATA = {
+    "MRAcquisitionType": "3D",
+    "PulseSequenceType": "MPRAGE",
+    "RepetitionTime": 2.3,
+    "EchoTime": 0.00298,
+    "InversionTime": 0.9,
+    "FlipAngle": 9,
+}
 
 _ASL_TYPES = ("PCASL", "CASL", "PASL")
 _M0_TYPES = ("Separate", "Included", "Estimate", "Absent")
@@ -137,7 +178,8 @@ class SyntheticSpec:
     n_pairs : int
         Number of control/label pairs (``TotalAcquiredPairs``).
     shape, zooms
-        Matrix size and voxel size (mm).
+        Matrix size and voxel size (mm). With ``anatomy`` set and both left at their defaults,
+        they become :data:`ANATOMY_ASL_SHAPE` and :data:`ANATOMY_ASL_ZOOMS`.
     field_strength : float
         Tesla; must be within 0.15 T of 1.5, 3 or 7.
     pld : float
@@ -172,6 +214,9 @@ class SyntheticSpec:
         pairs at each (see the module docstring). ``pld`` is then ignored. None: single delay.
     gm_att, wm_att : float
         Arterial transit time of pure GM and pure WM (s); used only when ``plds`` is set.
+    anatomy : AnatomySpec or None
+        Take the tissue fractions from this synthetic subject (and write its T1w) instead of
+        the ellipsoidal phantom. Every series of a subject must have the same ``anatomy``.
     """
 
     subject: str = "01"
@@ -182,8 +227,8 @@ class SyntheticSpec:
     order: str = "control-first"
     deltam_only: bool = False
     n_pairs: int = 8
-    shape: tuple[int, int, int] = (32, 32, 12)
-    zooms: tuple[float, float, float] = (3.5, 3.5, 5.0)
+    shape: tuple[int, int, int] = _PHANTOM_SHAPE
+    zooms: tuple[float, float, float] = _PHANTOM_ZOOMS
     field_strength: float = 3.0
     pld: float = 1.8
     labeling_duration: float = 1.8
@@ -203,11 +248,20 @@ class SyntheticSpec:
     plds: tuple[float, ...] | None = None
     gm_att: float = 1.2
     wm_att: float = 1.6
+    anatomy: AnatomySpec | None = None
 
     def __post_init__(self) -> None:
         # Lists would make the frozen spec unhashable; normalise them to tuples.
         object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
         object.__setattr__(self, "zooms", tuple(float(z) for z in self.zooms))
+        if (
+            self.anatomy is not None
+            and self.shape == _PHANTOM_SHAPE
+            and self.zooms == _PHANTOM_ZOOMS
+        ):
+            # The phantom's grid would cut a real-sized brain; this one holds it.
+            object.__setattr__(self, "shape", ANATOMY_ASL_SHAPE)
+            object.__setattr__(self, "zooms", ANATOMY_ASL_ZOOMS)
         if self.plds is not None:
             object.__setattr__(self, "plds", tuple(float(d) for d in self.plds))
         delays = self.delays
@@ -245,6 +299,10 @@ class SyntheticSpec:
             (self.subject.isalnum(), "subject must be alphanumeric"),
             (self.session is None or self.session.isalnum(), "session must be alphanumeric"),
             (self.run is None or self.run >= 0, "run must be a non-negative integer"),
+            (
+                self.anatomy is None or isinstance(self.anatomy, AnatomySpec),
+                "anatomy must be an AnatomySpec or None",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -302,6 +360,10 @@ class SyntheticTruth:
         (X, Y, Z) true arterial transit time (s) of a multi-delay series (the flow-weighted
         mean of ``gm_att`` and ``wm_att``, NaN where the true CBF is 0); None for a
         single-delay series, whose model has no transit time.
+    anatomy : SyntheticAnatomy or None
+        The synthetic subject of a series with ``spec.anatomy`` (shared by the series of that
+        subject), with the true transforms; None for the phantom. See :attr:`asl_to_t1w`,
+        :meth:`in_template`, :meth:`template_gm` and :meth:`template_cbf`.
     """
 
     cbf: np.ndarray
@@ -313,6 +375,63 @@ class SyntheticTruth:
     asl_file: Path
     spec: SyntheticSpec
     att: np.ndarray | None = None
+    anatomy: SyntheticAnatomy | None = None
+
+    def _anatomy(self) -> SyntheticAnatomy:
+        if self.anatomy is None:
+            raise ValueError("this series has no anatomy (SyntheticSpec.anatomy is None)")
+        return self.anatomy
+
+    @property
+    def asl_to_t1w(self) -> np.ndarray:
+        """(4, 4) RAS matrix mapping ASL world coordinates to T1w world coordinates.
+
+        The head moved between the T1w and the ASL scans: the ASL world point ``p`` (in the
+        frame of :attr:`affine`, i.e. of the first, unmoved ASL volume) shows the tissue at the
+        T1w world point ``asl_to_t1w @ p``. This is the matrix ASL -> T1w coregistration should
+        find (ITK-style registration with the T1w as fixed image reports its inverse).
+        """
+        return self._anatomy().asl_to_t1w
+
+    def in_template(self, asl_map: np.ndarray, res: int = 2, cval: float = 0.0) -> np.ndarray:
+        """Resample a map on the ASL grid to the template grid through the true transforms.
+
+        Template voxel -> template world ``y`` -> T1w world ``x`` (the numerical inverse of
+        ``y = M x + b + d(x)``) -> ASL world ``asl_to_t1w^-1 x`` -> ASL voxel, trilinear
+        interpolation, ``cval`` outside the ASL grid. ``in_template(truth.cbf)`` is what a
+        pipeline's CBF in template space should be, up to its own resampling.
+
+        Parameters
+        ----------
+        asl_map : numpy.ndarray
+            (X, Y, Z) map on the grid of :attr:`affine` (the reference ASL frame).
+        res : int
+            Template resolution: 1 or 2 mm (MNI152NLin2009aSym res-1 or res-2 grid).
+        cval : float
+            Value of template voxels that fall outside the ASL grid.
+
+        Returns
+        -------
+        numpy.ndarray
+            The map on the template grid (float64).
+        """
+        anatomy = self._anatomy()
+        return anatomy.to_template(asl_map, self.affine, res, anatomy.asl_to_t1w, cval)
+
+    def template_gm(self, res: int = 2) -> np.ndarray:
+        """True GM probability in template space: the template's own GM map at ``res``."""
+        return self._anatomy().template_map("gm", res)
+
+    def template_cbf(self, res: int = 2) -> np.ndarray:
+        """True CBF in template space at template resolution: ``gm_cbf pGM + wm_cbf pWM``.
+
+        Free of the ASL grid's partial volume; :meth:`in_template` of :attr:`cbf` is the same
+        truth seen at ASL resolution.
+        """
+        anatomy = self._anatomy()
+        gm = anatomy.template_map("gm", res).astype(np.float64)
+        wm = anatomy.template_map("wm", res).astype(np.float64)
+        return self.spec.gm_cbf * gm + self.spec.wm_cbf * wm
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,15 +743,24 @@ def _asl_metadata(spec: SyntheticSpec, slice_times: np.ndarray) -> dict:
     return meta
 
 
-def _write_series(root: Path, spec: SyntheticSpec) -> SyntheticTruth:
-    """Simulate one series, write its files under ``root`` and return its truth."""
+def _write_series(
+    root: Path, spec: SyntheticSpec, anatomy: SyntheticAnatomy | None = None
+) -> SyntheticTruth:
+    """Simulate one series, write its files under ``root`` and return its truth.
+
+    ``anatomy`` is the subject made from ``spec.anatomy`` (None: the ellipsoidal phantom).
+    """
     # The stream depends on the seed and on the series' identity only (not on its position in
     # the list), so different subjects with the default seed still get different noise.
     identity = zlib.crc32(spec.stem.encode())
     motion_rng, noise_rng = np.random.default_rng([spec.seed, identity]).spawn(2)
 
-    affine = _affine(spec.shape, spec.zooms)
-    fractions = _phantom(spec.shape)
+    if anatomy is None:
+        affine = _affine(spec.shape, spec.zooms)
+        fractions = _phantom(spec.shape)
+    else:
+        affine = anatomy.asl_affine(spec.shape, spec.zooms)
+        fractions = anatomy.fractions_on(spec.shape, affine, world_to_t1w=anatomy.asl_to_t1w)
     m0 = sum(_M0_TISSUE[name] * fractions[name] for name in _M0_TISSUE)
     cbf = spec.gm_cbf * fractions["gm"] + spec.wm_cbf * fractions["wm"]
     brain_mask = (fractions["gm"] + fractions["wm"] + fractions["csf"]) >= 0.5
@@ -722,7 +850,17 @@ def _write_series(root: Path, spec: SyntheticSpec) -> SyntheticTruth:
         asl_file=asl_file,
         spec=spec,
         att=None if att is None else frozen(att),
+        anatomy=anatomy,
     )
+
+
+def _write_t1w(root: Path, subject: str, anatomy: SyntheticAnatomy, metadata: dict) -> None:
+    """Write ``sub-<subject>/anat/sub-<subject>_T1w.nii.gz`` and its sidecar."""
+    anat = root / f"sub-{subject}" / "anat"
+    anat.mkdir(parents=True, exist_ok=True)
+    stem = f"sub-{subject}_T1w"
+    _write_nifti(anat / f"{stem}.nii.gz", np.asarray(anatomy.t1w.dataobj), anatomy.affine, None)
+    _write_json(anat / f"{stem}.json", metadata)
 
 
 def write_dataset(
@@ -749,10 +887,15 @@ def write_dataset(
     Raises
     ------
     ValueError
-        If ``specs`` is empty or two specs would write the same files.
+        If ``specs`` is empty, two specs would write the same files, or the series of one
+        subject have different ``anatomy`` specs.
 
     Notes
     -----
+    A subject whose specs have an ``anatomy`` gets its T1w (``anat/sub-<label>_T1w.nii.gz``,
+    at the subject level even when the series have sessions); the anatomy is made once per
+    subject and shared by the truths of its series.
+
     The same call writes byte-identical files: all randomness comes from
     ``numpy.random.default_rng`` seeded by each spec, and the gzip headers carry no time stamp.
     """
@@ -764,6 +907,12 @@ def write_dataset(
     duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
     if duplicates:
         raise ValueError(f"write_dataset: several specs write {', '.join(duplicates)}")
+    anatomy_specs: dict[str, AnatomySpec | None] = {}
+    for spec in specs:
+        if anatomy_specs.setdefault(spec.subject, spec.anatomy) != spec.anatomy:
+            raise ValueError(
+                f"write_dataset: the series of sub-{spec.subject} have different anatomies"
+            )
 
     root.mkdir(parents=True, exist_ok=True)
     _write_json(
@@ -778,4 +927,14 @@ def write_dataset(
     (root / "participants.tsv").write_text(
         "participant_id\n" + "".join(f"sub-{subject}\n" for subject in subjects)
     )
-    return [_write_series(root, spec) for spec in specs]
+    anatomies: dict[str, SyntheticAnatomy] = {}
+    for subject, anatomy_spec in anatomy_specs.items():
+        if anatomy_spec is None:
+            continue
+        anatomies[subject] = make_anatomy(anatomy_spec)
+        fields = {spec.field_strength for spec in specs if spec.subject == subject}
+        metadata = dict(_T1W_METADATA)
+        if len(fields) == 1:
+            metadata = {"MagneticFieldStrength": fields.pop(), **metadata}
+        _write_t1w(root, subject, anatomies[subject], metadata)
+    return [_write_series(root, spec, anatomies.get(spec.subject)) for spec in specs]
