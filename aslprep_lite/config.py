@@ -2,10 +2,15 @@
 
 Three sections, as fMRIPrep's config has them:
 
-- :class:`ExecutionOptions`: what to read, where to work, how nipype schedules, how loud;
+- :class:`ExecutionOptions`: what to read, where to work, how nipype schedules, how loud. As in
+  fMRIPrep, the anatomy of a finished sMRIPrep/fMRIPrep run to reuse (``anat_derivatives``) is
+  an input, so it is here;
 - :class:`QuantificationOptions`: every choice that changes the numbers; each field carries
-  its sidecar name, so :meth:`QuantificationOptions.sidecar_record` writes them all from here;
-- :class:`OutputOptions`: where and (next) in which spaces the derivatives are written.
+  its sidecar name, so :meth:`QuantificationOptions.sidecar_record` writes them all from here.
+  Partial-volume correction (``pvc``) is one of them: it acts only where a T1w segmentation
+  exists (``applies="anatomy"``);
+- :class:`OutputOptions`: where and in which spaces (:mod:`aslprep_lite.spaces`) the
+  derivatives are written.
 
 The command-line parser takes its defaults from these classes.
 """
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from aslprep_lite.errors import AslprepError
+from aslprep_lite.spaces import DEFAULT_OUTPUT_SPACES, Space, parse_output_spaces
 
 #: Fixed seed for every random choice (registration sampling): identical inputs give
 #: byte-identical outputs.
@@ -28,7 +34,8 @@ RANDOM_SEED = 20240
 
 
 #: When an option acts on a run (so is recorded in its sidecars and handed to its nodes).
-APPLIES = ("always", "multi-delay", "fitted", "voxel-calibration")
+#: ``anatomy``: the run has a T1w segmentation (its own T1w, or ``--anat-derivatives``).
+APPLIES = ("always", "multi-delay", "fitted", "voxel-calibration", "anatomy")
 
 
 def _option(default: Any, sidecar: str | None = None, *, applies: str = "always"):
@@ -56,6 +63,7 @@ class ExecutionOptions:
     plugin: str | None = None
     plugin_args: dict[str, Any] = field(default_factory=dict)
     verbosity: int = 0
+    anat_derivatives: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -71,12 +79,22 @@ class QuantificationOptions:
     m0_calibration: str = _option("voxel", "M0Calibration")
     m0_reference_mask: str | None = _option(None)  # written out as desc-m0reference_mask
     seed: int = _option(RANDOM_SEED, "RandomSeed")
+    pvc: bool = _option(True, "PartialVolumeCorrection", applies="anatomy")
 
-    def applies(self, name: str, *, multidelay: bool) -> bool:
-        """Whether option ``name`` acts on a run (single- or multi-delay) under these options.
+    def applies(self, name: str, *, multidelay: bool, anatomy: bool = False) -> bool:
+        """Whether option ``name`` acts on a run under these options.
 
         An option that cannot change a run's numbers is neither recorded in its sidecars nor
         handed to its nodes, so changing it reruns nothing.
+
+        Parameters
+        ----------
+        name
+            A field of this class.
+        multidelay
+            Whether the run has several delays.
+        anatomy
+            Whether the run has a T1w segmentation (partial-volume correction needs one).
         """
         fitted = multidelay and self.att_method == "fit"
         return {
@@ -84,22 +102,25 @@ class QuantificationOptions:
             "multi-delay": multidelay,
             "fitted": fitted,
             "voxel-calibration": self.m0_calibration == "voxel",
+            "anatomy": anatomy,
         }[self.__dataclass_fields__[name].metadata["applies"]]
 
-    def sidecar_record(self, *, multidelay: bool) -> dict[str, Any]:
+    def sidecar_record(self, *, multidelay: bool, anatomy: bool = False) -> dict[str, Any]:
         """``ProcessingParameters`` of a run's sidecars: the options that act on it."""
         return {
             f.metadata["sidecar"]: getattr(self, f.name)
             for f in fields(self)
-            if f.metadata["sidecar"] and self.applies(f.name, multidelay=multidelay)
+            if f.metadata["sidecar"]
+            and self.applies(f.name, multidelay=multidelay, anatomy=anatomy)
         }
 
 
 @dataclass(frozen=True)
 class OutputOptions:
-    """Where the derivatives go."""
+    """Where the derivatives go, and in which spaces (``asl``: the run's own grid)."""
 
     output_dir: Path
+    output_spaces: tuple[Space, ...] = parse_output_spaces(DEFAULT_OUTPUT_SPACES)
 
 
 @dataclass(frozen=True)
@@ -137,7 +158,9 @@ def build_settings(options: Any) -> Settings:
     ------
     AslprepError
         Missing input, an output directory inside the input dataset, unwritable outputs,
-        or out-of-range numbers.
+        out-of-range numbers, a malformed ``--output-spaces`` value or a missing
+        ``--anat-derivatives`` folder. (The template files of the output spaces are fetched
+        later, by :func:`aslprep_lite.spaces.check_templates`.)
     """
     bids_dir = Path(options.bids_dir).expanduser().resolve()
     output_dir = Path(options.output_dir).expanduser().resolve()
@@ -189,19 +212,25 @@ def build_settings(options: Any) -> Settings:
     if options.arterial_component and options.att_method != "fit":
         raise AslprepError("--arterial-component needs --att-method fit")
     reference_mask = None
-    if options.m0_calibration != "voxel" and not options.m0_reference_mask:
-        # Segmenting CSF or WM from an M0 by intensity proved unreliable (partial volume,
-        # incomplete CSF recovery); that needs the anatomical workflow.
-        raise AslprepError(
-            f"--m0-calibration {options.m0_calibration} needs --m0-reference-mask FILE: a "
-            f"{options.m0_calibration.upper()} mask on the ASL grid"
-        )
     if options.m0_reference_mask:
         if options.m0_calibration == "voxel":
             raise AslprepError("--m0-reference-mask needs --m0-calibration csf or wm")
         reference_mask = str(Path(options.m0_reference_mask).expanduser().resolve())
         if not Path(reference_mask).is_file():
             raise AslprepError("reference mask file does not exist", path=reference_mask)
+    # The parser leaves these out when they are not given: the defaults are defined here.
+    output_spaces = parse_output_spaces(
+        getattr(options, "output_spaces", None) or DEFAULT_OUTPUT_SPACES
+    )
+    anat_derivatives = None
+    if getattr(options, "anat_derivatives", None):
+        anat_derivatives = Path(options.anat_derivatives).expanduser().resolve()
+        if not anat_derivatives.is_dir():
+            raise AslprepError(
+                "--anat-derivatives folder does not exist: give the output folder of a "
+                "finished sMRIPrep or fMRIPrep run",
+                path=str(anat_derivatives),
+            )
     nprocs = options.nprocs or os.cpu_count() or 1
     omp = min(options.omp_nthreads or nprocs, nprocs)
     return Settings(
@@ -220,6 +249,7 @@ def build_settings(options: Any) -> Settings:
             plugin=plugin,
             plugin_args=plugin_args,
             verbosity=options.verbose - options.quiet,
+            anat_derivatives=anat_derivatives,
         ),
         # the parser's destinations carry the field names: one place lists the options
         quantification=QuantificationOptions(
@@ -230,7 +260,7 @@ def build_settings(options: Any) -> Settings:
             },
             m0_reference_mask=reference_mask,
         ),
-        outputs=OutputOptions(output_dir=output_dir),
+        outputs=OutputOptions(output_dir=output_dir, output_spaces=output_spaces),
     )
 
 

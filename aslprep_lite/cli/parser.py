@@ -6,6 +6,7 @@ import argparse
 
 from aslprep_lite import __version__
 from aslprep_lite.config import QuantificationOptions
+from aslprep_lite.spaces import DEFAULT_OUTPUT_SPACES
 
 #: The defaults of every processing option, defined once in the config.
 _DEFAULTS = QuantificationOptions()
@@ -111,6 +112,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="validate the data and print the per-run plan as JSON; process nothing",
+    )
+
+    anat = parser.add_argument_group("anatomy and output spaces")
+    # Left out of the namespace unless given (argparse.SUPPRESS): build_settings applies the
+    # defaults of the config, and --help does not print a misleading "(default: None/True)".
+    anat.add_argument(
+        "--output-spaces",
+        nargs="+",
+        metavar="SPACE",
+        default=argparse.SUPPRESS,
+        help="spaces to write the derivatives in, separated by blanks: 'asl' (the run's own "
+        "grid; files without a space- entity), 'T1w' (the participant's T1w grid) or a "
+        "TemplateFlow template TEMPLATE[:cohort-N][:res-N], modifiers in any order "
+        "(e.g. MNIPediatricAsym:cohort-2:res-1); a template without res- is written at res-2. "
+        "Templates other than MNI152NLin2009aSym (embedded, works offline) need "
+        "TEMPLATEFLOW_HOME set to a pre-fetched TemplateFlow folder (default: "
+        f"{' '.join(DEFAULT_OUTPUT_SPACES)})",
+    )
+    anat.add_argument(
+        "--anat-derivatives",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="reuse the anatomy of a finished sMRIPrep/fMRIPrep run: preprocessed T1w, brain "
+        "mask, segmentation and T1w<->template transforms",
+    )
+    anat.add_argument(
+        "--no-pvc",
+        dest="pvc",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="do not write partial-volume corrected GM and WM CBF maps (written by default "
+        "when a T1w exists)",
     )
 
     perf = parser.add_argument_group("performance and execution")
