@@ -46,6 +46,25 @@ EXPECTED = [
             "desc-brain_mask.json",
             "desc-confounds_timeseries.tsv",
             "desc-confounds_timeseries.json",
+            "desc-pvGM_cbf.nii.gz",
+            "desc-pvWM_cbf.nii.gz",
+            "space-T1w_cbf.nii.gz",
+            "space-T1w_desc-brain_mask.nii.gz",
+            "space-MNI152NLin2009aSym_res-2_cbf.nii.gz",
+            "space-MNI152NLin2009aSym_res-2_cbf.json",
+            "space-MNI152NLin2009aSym_res-2_desc-brain_mask.nii.gz",
+            "from-aslref_to-T1w_mode-image_xfm.txt",
+        )
+    ),
+    *(
+        f"sub-01/anat/sub-01_{name}"
+        for name in (
+            "desc-preproc_T1w.nii.gz",
+            "desc-brain_mask.nii.gz",
+            "dseg.nii.gz",
+            "label-GM_probseg.nii.gz",
+            "from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.h5",
+            "from-MNI152NLin2009aSym_to-T1w_mode-image_xfm.h5",
         )
     ),
 ]

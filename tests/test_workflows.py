@@ -284,3 +284,62 @@ def test_options_that_do_not_act_are_not_handed_on(runs, tmp_path):
     assert not isdefined(csf.get_node("m0_wf.prepare_m0").inputs.fwhm)
     parameters = csf.get_node("outputs_wf.write_derivatives").inputs.parameters
     assert "M0SmoothingFWHM" not in parameters and parameters["M0Calibration"] == "csf"
+
+
+@pytest.fixture(scope="module")
+def space_resources():
+    """Template files of the default spaces (the embedded template: offline)."""
+    from aslprep_lite.spaces import (
+        DEFAULT_OUTPUT_SPACES,
+        anatomy_template_files,
+        check_templates,
+        parse_output_spaces,
+    )
+    from aslprep_lite.workflows.base import SpaceResources
+
+    spaces = parse_output_spaces(DEFAULT_OUTPUT_SPACES)
+    files = check_templates(spaces)
+    return SpaceResources(
+        spaces=spaces,
+        template_files={k: {r: str(p) for r, p in v.items()} for k, v in files.items()},
+        space_records={k: {"Template": k.split(":")[0]} for k in files},
+        anatomy_template_files={k: str(v) for k, v in anatomy_template_files().items()},
+    )
+
+
+@pytest.mark.parametrize(
+    ("t1w", "calibration", "spaces"),
+    [(True, "voxel", "default"), (True, "csf", "default"), (False, "voxel", "default"),
+     (False, "voxel", "asl"), (True, "voxel", "asl")],
+)  # fmt: skip
+def test_graph_spaces_branches(runs, space_resources, t1w, calibration, spaces, tmp_path):
+    """Anatomy, coregistration, T1w-free alignment and reference regions where they belong."""
+    from dataclasses import replace
+
+    from aslprep_lite.config import ExecutionOptions, OutputOptions, Settings
+    from aslprep_lite.workflows.base import init_single_subject_wf
+
+    run = replace(runs["separate"], t1w_file=str(tmp_path / "T1w.nii.gz") if t1w else None)
+    resources = space_resources
+    if spaces == "asl":
+        resources = replace(resources, spaces=resources.spaces[:1], template_files={})
+    settings = Settings(
+        execution=ExecutionOptions(bids_dir=tmp_path, work_dir=tmp_path / "w"),
+        quantification=QuantificationOptions(m0_calibration=calibration),
+        outputs=OutputOptions(output_dir=tmp_path / "o", output_spaces=resources.spaces),
+    )
+    workflow = init_single_subject_wf(run.subject, [run], settings, resources)
+    nodes = set(workflow.list_node_names())
+    prefix = "asl_sub_separate."
+    templates = spaces == "default"
+    assert ("anat_wf.preprocess_t1w" in nodes) == t1w
+    assert ("anat_wf.write_anatomy" in nodes) == t1w
+    assert ("anat_wf.itk_MNI152NLin2009aSym" in nodes) == (t1w and templates)
+    assert (prefix + "coreg_wf.coregister" in nodes) == t1w
+    assert (prefix + "spaces_wf.resample" in nodes) == (t1w or templates)
+    assert (prefix + "spaces_wf.align_MNI152NLin2009aSym" in nodes) == (templates and not t1w)
+    assert (prefix + "spaces_wf.tissue_cbf" in nodes) == (t1w or templates)
+    assert (prefix + "reference_region" in nodes) == (t1w and calibration == "csf")
+    text = " ".join(collect_boilerplate(workflow))
+    assert ("normalized to the MNI152NLin2009aSym template" in text) == t1w
+    assert ("No T1w image was available" in text) == (templates and not t1w)

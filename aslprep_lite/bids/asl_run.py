@@ -66,6 +66,11 @@ class AslRun:
     unpaired_volumes: list[int] = field(default_factory=list)
     assumed_metadata: list[dict] = field(default_factory=list)
     quality_warnings: list[str] = field(default_factory=list)
+    #: The participant's anatomical reference (:func:`~aslprep_lite.bids.anatomy.choose_t1w`),
+    #: None when it has no T1w: template outputs then come from the T1w-free mode.
+    t1w_file: str | None = None
+    #: The T1w images of the participant left unused (several sessions or runs).
+    other_t1w: list[str] = field(default_factory=list)
 
     @property
     def volume_counts(self) -> dict[str, int]:

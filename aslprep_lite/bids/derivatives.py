@@ -9,10 +9,12 @@ read :data:`ASL_DERIVATIVES` through :func:`planned_derivatives`, so they cannot
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from aslprep_lite.bids.asl_run import AslRun
 from aslprep_lite.config import QuantificationOptions
+from aslprep_lite.spaces import ANATOMICAL, Space
 
 #: When a derivative is written (evaluated by :func:`applies`).
 CONDITIONS = (
@@ -23,6 +25,9 @@ CONDITIONS = (
     "fitted",  # multi-delay with --att-method fit
     "arterial",  # multi-delay fit with --arterial-component
     "reference-calibration",  # --m0-calibration csf|wm
+    "pvc",  # a T1w segmentation exists and --no-pvc is not given (runs with ΔM)
+    "anatomy",  # the participant has a T1w
+    "resampled",  # the run writes outputs in a space other than its own grid
 )
 
 #: Blocks of node metadata a sidecar can carry (see :func:`compose_sidecar`).
@@ -34,6 +39,10 @@ SIDECAR_BLOCKS = (
     "confounds",  # the confounds table's column descriptions (merged)
     "brain-mask",  # Type Brain, how the mask was made
     "reference-region",  # Type (CSF or WM) of the calibration's reference region
+    "pvc",  # the partial-volume correction's record (merged)
+    "coregistration",  # the ASL -> T1w (or template) registration's record (merged)
+    "space",  # the space's record: template, its source, the transforms used (merged)
+    "anatomy",  # the T1w preprocessing record (merged)
 )
 
 
@@ -49,6 +58,8 @@ class Derivative:
     desc: str | None = None
     space: str | None = None
     res: str | None = None
+    cohort: str | None = None
+    entities: tuple[tuple[str, str], ...] = ()  # label-, from-, to-, mode- (in this order)
     extension: str = ".nii.gz"
     dtype: str | None = "float32"  # None: the file is copied as it is (a TSV)
     units: str | None = None
@@ -62,8 +73,14 @@ class Derivative:
             raise ValueError(f"derivative {self.key!r}: unknown condition or block {unknown}")
 
     def filename(self, prefix: str) -> str:
-        """``<prefix>[_space-X][_res-Y][_desc-Z]_<suffix><extension>``."""
-        entities = [("space", self.space), ("res", self.res), ("desc", self.desc)]
+        """``<prefix>[_space-X][_cohort-C][_res-Y][_label-L...][_desc-Z]_<suffix><ext>``."""
+        entities = [
+            ("space", self.space),
+            ("cohort", self.cohort),
+            ("res", self.res),
+            *self.entities,
+            ("desc", self.desc),
+        ]
         parts = [prefix, *(f"{k}-{v}" for k, v in entities if v), self.suffix]
         return "_".join(parts) + self.extension
 
@@ -78,7 +95,7 @@ _CBF_UNITS = "mL/100 g/min"
 ASL_DERIVATIVES: tuple[Derivative, ...] = (
     Derivative(
         "cbf", "cbf", units=_CBF_UNITS, description="Mean cerebral blood flow",
-        blocks=("quantification", "m0-nested"),
+        blocks=("quantification", "m0-nested", "coregistration"),
     ),
     Derivative(
         "mean_deltam", "deltam", desc="mean", units="arbitrary",
@@ -137,6 +154,16 @@ ASL_DERIVATIVES: tuple[Derivative, ...] = (
         when="arterial",
     ),
     Derivative(
+        "cbf_pvgm", "cbf", desc="pvGM", units=_CBF_UNITS,
+        description="Grey-matter CBF corrected for partial volume (linear regression, "
+        "Asllani et al. 2008); 0 where undefined", blocks=("pvc",), when="pvc",
+    ),
+    Derivative(
+        "cbf_pvwm", "cbf", desc="pvWM", units=_CBF_UNITS,
+        description="White-matter CBF corrected for partial volume (linear regression, "
+        "Asllani et al. 2008); 0 where undefined", blocks=("pvc",), when="pvc",
+    ),
+    Derivative(
         "m0_reference_mask", "mask", desc="m0reference", dtype="uint8",
         description="Reference region of the M0 calibration", blocks=("reference-region",),
         when="reference-calibration",
@@ -146,11 +173,84 @@ ASL_DERIVATIVES: tuple[Derivative, ...] = (
 #: Derivatives by key.
 BY_KEY = {d.key: d for d in ASL_DERIVATIVES}
 
+#: The maps written in every requested space besides the run's own grid. ``pvc``/``cbf_pvgm``
+#: are not: the partial-volume corrected maps are meaningful on the grid they were solved on.
+RESAMPLED_KEYS = (
+    "cbf", "mask", "att", "cbf_stderr", "att_stderr", "fit_rsquared", "abv", "abat",
+)  # fmt: skip
 
-def applies(derivative: Derivative, run: AslRun, options: QuantificationOptions) -> bool:
-    """Whether ``run`` processed with ``options`` writes ``derivative``."""
+
+def in_space(derivative: Derivative, space: Space) -> Derivative:
+    """``derivative`` written in ``space`` (``space-``, ``cohort-``, ``res-`` entities), its
+    sidecar carrying the space's record; a mask stays a mask (nearest neighbour)."""
+    entities = space.entities
+    return replace(
+        derivative,
+        space=entities.get("space"),
+        cohort=entities.get("cohort"),
+        res=entities.get("res"),
+        blocks=(*derivative.blocks, "coregistration", "space"),
+    )
+
+
+def coregistration_transform(target: str) -> Derivative:
+    """The ASL reference → ``target`` (``T1w`` or a template) transform of a run (ITK text).
+
+    As fMRIPrep names its ``from-boldref_to-T1w_mode-image_xfm.txt``: ITK's direction, so it
+    maps ``target`` points to ASL points, which resamples an ASL image into ``target``.
+    """
+    return Derivative(
+        f"xfm_{target}", "xfm", extension=".txt", dtype=None,
+        entities=(("from", "aslref"), ("to", target), ("mode", "image")),
+        blocks=("coregistration",), when="resampled",
+    )  # fmt: skip
+
+
+#: The participant's anatomical derivatives (``sub-<label>/anat``), named as fMRIPrep names
+#: them. Labels of the discrete segmentation: 1 GM, 2 WM, 3 CSF.
+ANAT_DERIVATIVES: tuple[Derivative, ...] = (
+    Derivative("t1w_preproc", "T1w", desc="preproc", units="arbitrary",
+               description="T1w, N4 bias-field corrected", blocks=("anatomy",)),
+    Derivative("t1w_mask", "mask", desc="brain", dtype="uint8", blocks=("anatomy",)),
+    Derivative("dseg", "dseg", dtype="uint8", blocks=("anatomy",),
+               description="Discrete tissue segmentation: 1 GM, 2 WM, 3 CSF"),
+    *(
+        Derivative(f"{tissue.lower()}_probseg", "probseg", entities=(("label", tissue),),
+                   units="1", blocks=("anatomy",),
+                   description=f"{tissue} posterior probability")
+        for tissue in ("GM", "WM", "CSF")
+    ),
+)  # fmt: skip
+ANAT_BY_KEY = {d.key: d for d in ANAT_DERIVATIVES}
+
+
+def template_transforms(template: str) -> tuple[Derivative, Derivative]:
+    """The T1w → template transform and its inverse (ITK ``.h5``), as fMRIPrep names them."""
+    return tuple(  # type: ignore[return-value]
+        Derivative(
+            f"xfm_{source}_{target}",
+            "xfm",
+            extension=".h5",
+            dtype=None,
+            entities=(("from", source), ("to", target), ("mode", "image")),
+            blocks=("anatomy",),
+        )
+        for source, target in ((ANATOMICAL, template), (template, ANATOMICAL))
+    )
+
+
+def applies(
+    derivative: Derivative,
+    run: AslRun,
+    options: QuantificationOptions,
+    spaces: Sequence[Space] = (),
+) -> bool:
+    """Whether ``run`` processed with ``options`` (and ``spaces``) writes ``derivative``."""
     fitted = run.is_multidelay and options.att_method == "fit"
     return {
+        "pvc": run.has_deltam and run.t1w_file is not None and options.pvc,
+        "anatomy": run.t1w_file is not None,
+        "resampled": bool(run_spaces(run, spaces)),
         "always": True,
         "deltam": run.has_deltam,
         "single-delay": not run.is_multidelay,
@@ -161,15 +261,64 @@ def applies(derivative: Derivative, run: AslRun, options: QuantificationOptions)
     }[derivative.when]
 
 
-def planned_derivatives(run: AslRun, options: QuantificationOptions) -> list[Derivative]:
-    """The derivatives ``run`` writes under ``options``, in plan order."""
-    return [d for d in ASL_DERIVATIVES if applies(d, run, options)]
+def run_spaces(run: AslRun, spaces: Sequence[Space]) -> list[Space]:
+    """The spaces besides its own grid that ``run`` is written in: ``T1w`` needs a T1w;
+    templates are reached through the T1w, or without one by the T1w-free mode."""
+    return [
+        s for s in spaces if s.is_template or (s.name == ANATOMICAL and run.t1w_file is not None)
+    ]
 
 
-def planned_paths(run: AslRun, options: QuantificationOptions) -> list[str]:
+def transform_targets(run: AslRun, spaces: Sequence[Space]) -> list[str]:
+    """Where the run's ASL reference is registered to: the T1w, or each template (T1w-free)."""
+    if not run_spaces(run, spaces):
+        return []
+    if run.t1w_file is not None:
+        return [ANATOMICAL]
+    return sorted({s.name for s in run_spaces(run, spaces)})
+
+
+def planned_derivatives(
+    run: AslRun, options: QuantificationOptions, spaces: Sequence[Space] = ()
+) -> list[Derivative]:
+    """The derivatives ``run`` writes under ``options``, in plan order.
+
+    Without ``spaces``, the files on the run's own grid (the native writer's inputs); with
+    them, also each resampled map in each space and the coregistration transforms.
+    """
+    native = [d for d in ASL_DERIVATIVES if applies(d, run, options)]
+    resampled = [
+        in_space(d, space)
+        for space in run_spaces(run, spaces)
+        for d in native
+        if d.key in RESAMPLED_KEYS
+    ]
+    transforms = [coregistration_transform(t) for t in transform_targets(run, spaces)]
+    return native + resampled + transforms
+
+
+def planned_paths(
+    run: AslRun, options: QuantificationOptions, spaces: Sequence[Space] = ()
+) -> list[str]:
     """Their paths relative to the output directory (the plan's ``outputs``)."""
     base = os.path.join(run.out_dir, run.prefix)
-    return [d.filename(base) for d in planned_derivatives(run, options)]
+    return [d.filename(base) for d in planned_derivatives(run, options, spaces)]
+
+
+def anatomy_prefix(subject: str) -> str:
+    """The participant's anatomical folder and entities (one reference per participant)."""
+    return os.path.join(f"sub-{subject}", "anat", f"sub-{subject}")
+
+
+def planned_anatomy(spaces: Sequence[Space]) -> list[Derivative]:
+    """The participant's anatomical derivatives: T1w, mask, segmentation, template transforms."""
+    templates = sorted({s.name for s in spaces if s.is_template})
+    return [*ANAT_DERIVATIVES, *(d for t in templates for d in template_transforms(t))]
+
+
+def planned_anatomy_paths(subject: str, spaces: Sequence[Space]) -> list[str]:
+    """Their paths relative to the output directory."""
+    return [d.filename(anatomy_prefix(subject)) for d in planned_anatomy(spaces)]
 
 
 def compose_sidecar(
@@ -210,4 +359,8 @@ def compose_sidecar(
             sidecar.update({"Type": "Brain", "Description": m0.get("BrainMask", "")})
         elif block == "reference-region":
             sidecar["Type"] = m0["ReferenceRegion"]["Tissue"].upper()
+        elif block == "space":  # nested: the template's own Description must not win
+            sidecar["SpatialReference"] = records.get("space", {})
+        elif block in ("pvc", "coregistration", "anatomy"):
+            sidecar.update(records.get(block, {}))
     return {**sidecar, **provenance}

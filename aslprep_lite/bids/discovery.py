@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from aslprep_lite.bids.anatomy import check_t1w, choose_t1w
 from aslprep_lite.bids.asl_run import AslRun
 from aslprep_lite.bids.files import asl_prefix, read_json, sidecar_of
 from aslprep_lite.bids.validation import validate_run
@@ -199,6 +200,15 @@ def discover(
         )
         for group in duplicates
     ]
+    anatomy: dict[str, tuple[str | None, str | None]] = {}  # subject -> (T1w, its problem)
+    for subject, data in collected.items():
+        t1w = choose_t1w(data.t1w)
+        try:
+            if t1w and check_images:  # a dry run plans from the metadata alone
+                check_t1w(t1w)
+            anatomy[subject] = (t1w, None)
+        except AslprepError as err:
+            anatomy[subject] = (t1w, str(err))
     for asl_file in asl_files:
         if any(asl_file in group for group in duplicates):
             continue
@@ -222,4 +232,12 @@ def discover(
             )
         except AslprepError as err:
             failures.append((asl_file, str(err)))
+            continue
+        t1w, problem = anatomy[subject]
+        if problem:  # the participant's anatomy is unusable: its runs fail, others go on
+            failures.append((asl_file, problem))
+            runs.pop()
+            continue
+        runs[-1].t1w_file = t1w
+        runs[-1].other_t1w = [f for f in collected[subject].t1w if f != t1w]
     return Discovery(runs=runs, failures=failures)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -157,3 +158,8 @@ class SidecarFields:
                 )
             return [self.number(key, v) for v in value]
         return [self.number(key, value)] * n_volumes
+
+
+def bids_uri(path: str | Path, bids_dir: str | Path) -> str:
+    """The ``Sources`` URI of a raw file: ``bids:raw:<path relative to the dataset>``."""
+    return "bids:raw:" + os.path.relpath(path, bids_dir)

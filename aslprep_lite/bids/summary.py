@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from aslprep_lite.bids.asl_run import AslRun
-from aslprep_lite.bids.derivatives import planned_paths
+from aslprep_lite.bids.derivatives import planned_paths, run_spaces
 from aslprep_lite.config import QuantificationOptions
+from aslprep_lite.spaces import Space
 
 
-def run_summary(run: AslRun, options: QuantificationOptions) -> dict[str, Any]:
+def _anatomy(run: AslRun, spaces: Sequence[Space]) -> dict[str, Any]:
+    """How the run reaches anatomical and template space."""
+    targets = [s.label for s in run_spaces(run, spaces)]
+    skipped = [s.label for s in spaces if s.name == "T1w" and run.t1w_file is None]
+    return {
+        "t1w": run.t1w_file,
+        "other_t1w": run.other_t1w,
+        "mode": "T1w" if run.t1w_file else ("T1w-free" if targets else "native only"),
+        "output_spaces": (["asl"] if any(s.name == "asl" for s in spaces) else []) + targets,
+        "skipped_spaces": [f"{label} (no T1w)" for label in skipped],
+    }
+
+
+def run_summary(
+    run: AslRun, options: QuantificationOptions, spaces: Sequence[Space] = ()
+) -> dict[str, Any]:
     """What aslprep-lite will do with ``run`` under ``options``, for a person to read."""
     return {
         "asl_file": run.asl_file,
@@ -44,7 +61,8 @@ def run_summary(run: AslRun, options: QuantificationOptions) -> dict[str, Any]:
             "pulses": run.bs_pulses,
         },
         "labeling_efficiency": run.labeling_efficiency,
-        "outputs": planned_paths(run, options),
+        "anatomy": _anatomy(run, spaces),
+        "outputs": planned_paths(run, options, spaces),
         "warnings": run.warnings + run.quality_warnings,
         "assumed_metadata": run.assumed_metadata,
     }

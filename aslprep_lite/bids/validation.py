@@ -18,6 +18,7 @@ from aslprep_lite.bids.asl_run import LABELED_TYPES, AslRun
 from aslprep_lite.bids.files import (
     SidecarFields,
     asl_prefix,
+    bids_uri,
     image_shape,
     read_aslcontext,
     sidecar_of,
@@ -173,7 +174,7 @@ def validate_run(
         m0_file=str(m0.file) if m0.file else None,
         m0_repetition_time=m0.repetition_time,
         m0_estimate=m0.estimate,
-        source_files=["bids:raw:" + os.path.relpath(p, bids_dir) for p in sources],
+        source_files=[bids_uri(p, bids_dir) for p in sources],
         warnings=notes.warnings,
         assumed_metadata=notes.assumed,
         quality_warnings=quality,

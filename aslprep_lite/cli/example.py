@@ -12,15 +12,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from aslprep_lite.synthetic_anatomy import AnatomySpec
+
 #: The example: PCASL with background suppression (4 pulses), a separate M0 and 1 mm of head
-#: motion: the recommended clinical protocol of Alsop et al. 2015.
+#: motion (the recommended clinical protocol of Alsop et al. 2015), and a 1 mm T1w of the same
+#: anatomy: the MNI152NLin2009aSym template moved by a known affine and warp, so the outputs in
+#: T1w and template space have a known truth too (:mod:`aslprep_lite.synthetic_anatomy`).
 EXAMPLE_SPEC = {
     "subject": "01",
     "n_pairs": 20,
-    "shape": (48, 48, 16),
     "background_suppression": True,
     "bs_pulses": 4,
     "motion_mm": 1.0,
+    "anatomy": AnatomySpec(),
 }
 
 
@@ -51,15 +55,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = run_main(args)
     if code:
         return code
-    cbf_file = out / "sub-01" / "perf" / "sub-01_cbf.nii.gz"
+    perf = out / "sub-01" / "perf"
+    cbf_file = perf / "sub-01_cbf.nii.gz"
     cbf = nb.load(cbf_file).get_fdata()
     estimate, expected = cbf[truth.gm_mask].mean(), truth.cbf[truth.gm_mask].mean()
+    template_file = perf / "sub-01_space-MNI152NLin2009aSym_res-2_cbf.nii.gz"
+    in_template = nb.load(template_file).get_fdata()
+    gm = truth.template_gm(2) > 0.5
+    template_estimate = in_template[gm].mean()
+    template_expected = truth.in_template(truth.cbf, res=2)[gm].mean()
     print(f"input dataset:  {bids}")
     print(f"derivatives:    {out}")
     print(f"mean CBF map:   {cbf_file}")
+    print(f"in MNI space:   {template_file}")
     print(
         f"grey-matter CBF: {estimate:.1f} mL/100 g/min recovered, {expected:.1f} true "
         f"({100 * (estimate / expected - 1):+.1f} %)"
+    )
+    error = 100 * (template_estimate / template_expected - 1)
+    print(
+        f"grey-matter CBF in template space: {template_estimate:.1f} mL/100 g/min, "
+        f"{template_expected:.1f} true ({error:+.1f} %)"
     )
     return 0
 

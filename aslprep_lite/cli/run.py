@@ -120,9 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(options) -> int:
     from aslprep_lite.bids.discovery import discover
     from aslprep_lite.bids.summary import run_summary
+    from aslprep_lite.spaces import check_templates
 
     settings = build_settings(options)
     execution, quantification = settings.execution, settings.quantification
+    # every template file the output spaces need, before any processing (offline)
+    check_templates(settings.outputs.output_spaces)
     start = time.monotonic()
     discovery = discover(
         execution.bids_dir,
@@ -136,7 +139,10 @@ def _main(options) -> int:
     failures = list(discovery.failures)
     if execution.dry_run:
         plan = {
-            "runs": [run_summary(run, quantification) for run in discovery.runs],
+            "runs": [
+                run_summary(run, quantification, settings.outputs.output_spaces)
+                for run in discovery.runs
+            ],
             "failures": [{"asl_file": f, "error": msg} for f, msg in failures],
         }
         try:

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,13 +73,21 @@ def run_participants(settings: Settings, runs: Sequence[AslRun]) -> list[tuple[s
         one-line reason (from the crash files, or ``"processing stopped before outputs"``).
     """
     from aslprep_lite.workflows.asl.base import run_workflow_name
-    from aslprep_lite.workflows.base import collect_boilerplate, init_aslprep_lite_wf
+    from aslprep_lite.workflows.base import (
+        collect_boilerplate,
+        init_aslprep_lite_wf,
+        subject_workflow_name,
+    )
 
+    resources, failures = prepare_spaces(settings, runs)
+    runs = [run for run in runs if run.asl_file not in {f for f, _ in failures}]
+    if not runs:
+        return failures
     crash_dir = settings.execution.work_dir / "crashes"
     shutil.rmtree(crash_dir, ignore_errors=True)
     crash_dir.mkdir(parents=True, exist_ok=True)
     _configure_nipype(settings, crash_dir)
-    workflow = init_aslprep_lite_wf(settings, runs)
+    workflow = init_aslprep_lite_wf(settings, runs, resources)
     _forget_unwritten_outputs(settings, runs)
     _write_boilerplate(settings, collect_boilerplate(workflow))
 
@@ -96,12 +105,16 @@ def run_participants(settings: Settings, runs: Sequence[AslRun]) -> list[tuple[s
         if "did not execute cleanly" not in str(err) and not list(crash_dir.glob("crash-*")):
             raise
     messages = crash_messages(crash_dir)
-    failures = []
     output_dir = settings.outputs.output_dir
     for run in runs:
         _report_quality_warnings(output_dir, run)
         name = run_workflow_name(run)
-        reasons = [msg for node, msg in messages.items() if f".{name}." in f".{node}."]
+        anat = f".{subject_workflow_name(run.subject)}.anat_wf."  # its participant's anatomy
+        reasons = [
+            msg
+            for node, msg in messages.items()
+            if f".{name}." in f".{node}." or anat in f".{node}."
+        ]
         if reasons or _missing_outputs(settings, run):
             failures.append(
                 (run.asl_file, reasons[0] if reasons else "processing stopped before outputs")
@@ -120,32 +133,119 @@ def _forget_unwritten_outputs(settings: Settings, runs: Sequence[AslRun]) -> Non
 
     root = settings.execution.work_dir / "aslprep_lite_wf"
     for run in runs:
-        if not _missing_outputs(settings, run):
-            continue
-        writer = (
-            root
-            / subject_workflow_name(run.subject)
-            / run_workflow_name(run)
-            / "outputs_wf"
-            / "write_derivatives"
-        )
-        shutil.rmtree(writer, ignore_errors=True)
+        subject = root / subject_workflow_name(run.subject)
+        if _missing_outputs(settings, run, anatomy=False):
+            shutil.rmtree(
+                subject / run_workflow_name(run) / "outputs_wf" / "write_derivatives",
+                ignore_errors=True,
+            )
+        if _missing_anatomy(settings, run):
+            shutil.rmtree(subject / "anat_wf" / "write_anatomy", ignore_errors=True)
 
 
-def _missing_outputs(settings: Settings, run: AslRun) -> list[str]:
-    """The derivatives of ``run`` (output spec) that are not in the output directory."""
+def _missing_outputs(settings: Settings, run: AslRun, *, anatomy: bool = True) -> list[str]:
+    """The derivatives of ``run`` (output spec), and with ``anatomy`` of its participant's
+    anatomy, that are not in the output directory."""
     from aslprep_lite.bids.derivatives import planned_paths
 
     output_dir = settings.outputs.output_dir
-    planned = planned_paths(run, settings.quantification)
+    planned = planned_paths(run, settings.quantification, settings.outputs.output_spaces)
+    missing = [path for path in planned if not (output_dir / path).exists()]
+    return missing + (_missing_anatomy(settings, run) if anatomy else [])
+
+
+def _missing_anatomy(settings: Settings, run: AslRun) -> list[str]:
+    """The anatomical derivatives of the run's participant that are not written (none are
+    written for a participant without a T1w or with ``--anat-derivatives``)."""
+    from aslprep_lite.bids.derivatives import planned_anatomy_paths
+
+    if run.t1w_file is None or settings.execution.anat_derivatives is not None:
+        return []
+    output_dir = settings.outputs.output_dir
+    planned = planned_anatomy_paths(run.subject, settings.outputs.output_spaces)
     return [path for path in planned if not (output_dir / path).exists()]
+
+
+def prepare_spaces(settings: Settings, runs: Sequence[AslRun]):
+    """The template files and records of the output spaces, and each participant's anatomy.
+
+    Returns the :class:`~aslprep_lite.workflows.base.SpaceResources` and the runs that cannot
+    go on, ``(asl_file, reason)``: a participant whose ``--anat-derivatives`` folder lacks a
+    file fails with one line, the others go on.
+    """
+    from aslprep_lite.bids.anat_derivatives import find_precomputed_anatomy
+    from aslprep_lite.errors import AslprepError
+    from aslprep_lite.spaces import anatomy_template_files, check_templates
+    from aslprep_lite.templates import template_provenance
+    from aslprep_lite.workflows.base import SpaceResources
+
+    spaces = settings.outputs.output_spaces
+    template_files = check_templates(spaces)
+    records = {
+        space.label: {
+            **template_provenance(space.name),
+            "Resolution": space.resolution,
+            **({"Cohort": space.cohort} if space.cohort else {}),
+        }
+        for space in spaces
+        if space.is_template
+    }
+    precomputed, failures = {}, []
+    anat_dir = settings.execution.anat_derivatives
+    for subject in sorted({run.subject for run in runs}):
+        if anat_dir is None:
+            break
+        # sMRIPrep names a cohort's transforms <template>+<cohort>: ask with the cohort,
+        # keep them by template
+        asked = {
+            s.name: f"{s.name}:cohort-{s.cohort}" if s.cohort else s.name
+            for s in spaces
+            if s.is_template
+        }
+        try:
+            found = find_precomputed_anatomy(anat_dir, subject, sorted(asked.values()))
+            precomputed[subject] = replace(
+                found,
+                to_template={name: found.to_template[key] for name, key in asked.items()},
+                from_template={name: found.from_template[key] for name, key in asked.items()},
+            )
+        except AslprepError as err:
+            failures += [(run.asl_file, str(err)) for run in runs if run.subject == subject]
+            continue
+        for run in runs:  # the reused anatomy is the participant's anatomical reference
+            if run.subject == subject:
+                run.t1w_file = str(precomputed[subject].t1w)
+    options = settings.quantification
+    for run in runs:
+        if (
+            run.has_deltam
+            and options.m0_calibration != "voxel"
+            and not options.m0_reference_mask
+            and run.t1w_file is None
+        ):
+            failures.append((run.asl_file, reference_region_problem(run, options.m0_calibration)))
+    preprocess = anat_dir is None and any(run.t1w_file for run in runs)
+    resources = SpaceResources(
+        spaces=tuple(spaces),
+        template_files={k: {r: str(p) for r, p in v.items()} for k, v in template_files.items()},
+        space_records=records,
+        anatomy_template_files=(
+            {k: str(v) for k, v in anatomy_template_files().items()} if preprocess else None
+        ),
+        precomputed=precomputed,
+    )
+    return resources, failures
 
 
 def _report_quality_warnings(output_dir: Path, run: AslRun) -> None:
     """Print the quality warnings a run wrote into its CBF sidecar (they must not go unseen)."""
     sidecar = output_dir / run.out_dir / f"{run.prefix}_cbf.json"
     if sidecar.is_file():
-        for warning in json.loads(sidecar.read_text()).get("QualityWarnings", []):
+        content = json.loads(sidecar.read_text())
+        coregistration = content.get("Coregistration", {}).get("Warning")
+        for warning in content.get("QualityWarnings", []) + [coregistration] * bool(
+            coregistration
+        ):
             LOGGER.warning("%s: %s", sidecar, warning)
 
 
@@ -161,3 +261,17 @@ def _write_boilerplate(settings: Settings, paragraphs: Sequence[str]) -> None:
         + f"\n\n## References\n\n{references}\n"
     )
     write_atomic_text(settings.outputs.output_dir / "logs" / "CITATION.md", text)
+
+
+def reference_region_problem(run: AslRun, calibration: str) -> str:
+    """Why a run cannot be calibrated with a reference region: no mask and no T1w."""
+    from aslprep_lite.errors import AslprepError
+
+    return str(
+        AslprepError(
+            f"--m0-calibration {calibration} needs --m0-reference-mask FILE (a "
+            f"{calibration.upper()} mask on the ASL grid) or a T1w image of the participant to "
+            "segment",
+            path=run.asl_file,
+        )
+    )

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
 from aslprep_lite.bids.asl_run import AslRun
-from aslprep_lite.bids.derivatives import planned_derivatives
+from aslprep_lite.bids.derivatives import RESAMPLED_KEYS, planned_derivatives, run_spaces
 from aslprep_lite.config import QuantificationOptions
+from aslprep_lite.interfaces.anatomical import ReferenceRegionFromTissue
 from aslprep_lite.interfaces.series import LoadAslSeries
 from aslprep_lite.quant import constants
+from aslprep_lite.workflows.anatomical import ANAT_FIELDS, deformation_field
 from aslprep_lite.workflows.asl.cbf import FIT_MAPS, init_cbf_wf
 from aslprep_lite.workflows.asl.confounds import init_confounds_wf
 from aslprep_lite.workflows.asl.fit import init_hmc_wf, init_m0_wf
 from aslprep_lite.workflows.asl.outputs import init_outputs_wf
+from aslprep_lite.workflows.asl.spaces import ANAT_INPUTS, init_asl_spaces_wf, init_coreg_wf
 
 #: The stages of a run, in processing order (the methods text follows it).
-STAGES = ("hmc_wf", "m0_wf", "cbf_wf", "confounds_wf", "outputs_wf")
+STAGES = ("hmc_wf", "coreg_wf", "m0_wf", "cbf_wf", "confounds_wf", "spaces_wf", "outputs_wf")
 
 
 def run_workflow_name(run: AslRun) -> str:
@@ -37,17 +42,45 @@ def _series_gb(run: AslRun) -> float:
     return float(np.prod(shape, dtype=np.float64)) * 4 / 1e9
 
 
+def reference_name(run: AslRun) -> str:
+    """The ASL image registered to the T1w or a template: the M0 when the run has an M0 image
+    (proton-density contrast, no background suppression), else the mean control."""
+    if run.has_deltam and run.m0_type in ("Separate", "Included"):
+        return "M0"
+    return "mean control image" if "control" in run.context else "ASL reference image"
+
+
 def init_asl_wf(
     run: AslRun,
     options: QuantificationOptions,
     *,
     output_dir: str,
     omp_nthreads: int,
+    spaces: Sequence = (),
+    template_files: Mapping[str, Mapping[str, str]] | None = None,
+    space_records: Mapping[str, dict] | None = None,
+    t1w_grid: str | None = None,
 ):
     """One ASL run, from the raw series to its derivatives.
 
-    The workflow has no open inputs: the run's files and facts are fixed by ``run``, and each
-    stage gets only the values it uses.
+    The run's files and facts are fixed by ``run``, and each stage gets only the values it
+    uses. A run with a T1w (``run.t1w_file``) or written in a template space also gets the
+    spaces stage (:func:`~aslprep_lite.workflows.asl.spaces.init_asl_spaces_wf`).
+
+    Parameters
+    ----------
+    spaces
+        The output spaces (:class:`~aslprep_lite.spaces.Space`).
+    template_files, space_records
+        Files and sidecar blocks of the template spaces, by label.
+    t1w_grid
+        A file on the participant's T1w grid.
+
+    Inputs
+    ------
+    inputnode.<field>
+        The participant's anatomy (:data:`~aslprep_lite.workflows.anatomical.ANAT_FIELDS` and
+        ``to_t1w_<template>``), when the run has a T1w.
 
     Outputs
     -------
@@ -95,7 +128,9 @@ def init_asl_wf(
         prefix=run.prefix,
         keys=[d.key for d in planned_derivatives(run, options)],
         sources=run.source_files,
-        parameters=options.sidecar_record(multidelay=run.is_multidelay),
+        parameters=options.sidecar_record(
+            multidelay=run.is_multidelay, anatomy=run.t1w_file is not None
+        ),
     )
     workflow.connect([
         (load, hmc_wf, [("out_file", "inputnode.asl_file")]),
@@ -132,4 +167,89 @@ def init_asl_wf(
             ("outputnode.confounds_metadata", "inputnode.confounds_metadata"),
         ]),
     ])  # fmt: skip
+    targets = run_spaces(run, spaces)
+    if run.t1w_file is not None or targets:
+        _connect_spaces(
+            workflow,
+            run,
+            options,
+            targets,
+            template_files or {},
+            space_records or {},
+            t1w_grid,
+            stages={"hmc": hmc_wf, "m0": m0_wf, "cbf": cbf_wf, "outputs": outputs_wf},
+        )
     return workflow
+
+
+def _connect_spaces(workflow, run, options, targets, template_files, space_records, t1w_grid,
+                    stages) -> None:  # fmt: skip
+    """Add the coregistration and spaces stages to a run's workflow."""
+    anatomy = run.t1w_file is not None
+    templates = sorted({s.name for s in targets if s.is_template})
+    # reference-region calibration from the segmentation: the M0 step waits for the tissue
+    # maps, so the coregistration cannot use the M0 step's outputs (mean control instead)
+    from_segmentation = (
+        anatomy and run.has_deltam and options.m0_calibration != "voxel"
+        and not options.m0_reference_mask
+    )  # fmt: skip
+    name = "mean control image" if from_segmentation else reference_name(run)
+    spaces_wf = init_asl_spaces_wf(
+        spaces=targets,
+        anatomy=anatomy,
+        t1w_grid=t1w_grid,
+        template_files={s.label: template_files[s.label] for s in targets if s.is_template},
+        space_records=space_records,
+        reference_name=name,
+        pvc=options.pvc and run.has_deltam,
+        seed=options.seed,
+    )
+    reference = (
+        (stages["m0"], "outputnode.m0_file")
+        if name == "M0"
+        else (stages["hmc"], "outputnode.reference")
+    )
+    m0_wf, cbf_wf, outputs_wf = stages["m0"], stages["cbf"], stages["outputs"]
+    workflow.connect([
+        (reference[0], spaces_wf, [(reference[1], "inputnode.reference")]),
+        (m0_wf, spaces_wf, [("outputnode.mask_file", "inputnode.asl_mask"),
+                            ("outputnode.mask_file", "inputnode.mask")]),
+        (cbf_wf, spaces_wf, [(f"outputnode.{k}", f"inputnode.{k}") for k in RESAMPLED_KEYS
+                             if k == "cbf" or k in FIT_MAPS]),
+        (spaces_wf, outputs_wf, [
+            ("outputnode.resampled", "inputnode.resampled"),
+            ("outputnode.tissue_metadata", "inputnode.tissue_metadata"),
+            ("outputnode.pvc_metadata", "inputnode.pvc_metadata"),
+            ("outputnode.coregistration_metadata", "inputnode.coregistration_metadata"),
+            ("outputnode.cbf_pvgm", "inputnode.cbf_pvgm"),
+            ("outputnode.cbf_pvwm", "inputnode.cbf_pvwm"),
+            ("outputnode.xfm_targets", "inputnode.xfm_targets"),
+            ("outputnode.xfm_files", "inputnode.xfm_files"),
+        ]),
+    ])  # fmt: skip
+    if not anatomy:
+        return
+    coreg_wf = init_coreg_wf(reference_name=name, own_mask=from_segmentation, seed=options.seed)
+    fields = ANAT_FIELDS + [deformation_field(t) for t in templates]
+    inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
+    renamed = dict(zip(ANAT_FIELDS, ANAT_INPUTS, strict=True))
+    workflow.connect([
+        (reference[0], coreg_wf, [(reference[1], "inputnode.reference")]),
+        (inputnode, coreg_wf, [(f, f"inputnode.{renamed[f]}") for f in ANAT_FIELDS
+                               if f != "dseg"]),
+        (inputnode, spaces_wf, [(f, f"inputnode.{f}") for f in fields if f not in ANAT_FIELDS]),
+        (coreg_wf, spaces_wf, [("outputnode.matrix_file", "inputnode.t1w_to_asl"),
+                               ("outputnode.xfm_file", "inputnode.xfm_file"),
+                               ("outputnode.record", "inputnode.coregistration_metadata"),
+                               ("outputnode.tissue_file", "inputnode.tissue_file")]),
+    ])  # fmt: skip
+    if from_segmentation:
+        region = pe.Node(
+            ReferenceRegionFromTissue(tissue=options.m0_calibration), name="reference_region"
+        )
+        workflow.connect([
+            (coreg_wf, region, [("outputnode.tissue_file", "tissue_file")]),
+            (region, m0_wf, [("out_file", "inputnode.reference_mask")]),
+        ])  # fmt: skip
+    else:
+        workflow.connect([(m0_wf, coreg_wf, [("outputnode.mask_file", "inputnode.asl_mask")])])

@@ -111,6 +111,7 @@ def m0_methods(
     m0_scale: float,
     fwhm: float,
     calibration: str,
+    reference_mask: str | None = None,
 ) -> str:
     """The methods paragraph of the M0 step, true for this M0Type and these options."""
     source = {
@@ -148,9 +149,14 @@ def m0_methods(
         sentences.append(f"It was multiplied by the M0 scale factor {m0_scale:g}.")
     if calibration != "voxel":
         tissue = {"csf": "cerebrospinal fluid", "wm": "white matter"}[calibration]
+        region_source = (
+            "given as a mask"
+            if reference_mask
+            else "the ASL voxels that the T1w segmentation fills with more than 90 % of it"
+        )
         sentences.append(
             "CBF was calibrated with one arterial-blood M0 (M0a) from a reference region of "
-            f"{tissue} given as a mask, as asl_calib of oxford_asl does, from the M0 as "
+            f"{tissue} ({region_source}), as asl_calib of oxford_asl does, from the M0 as "
             "acquired: M0a = S_ref / "
             "(1 − exp(−TR/T1_ref)) · exp(TE/T2_ref) / λ_ref · exp(−TE/T2_blood), with T2* for "
             "gradient-echo and T2 for spin-echo readouts; reference T1, T2 and λ are listed "
@@ -227,8 +233,11 @@ def init_m0_wf(
             m0_scale=m0_scale,
             fwhm=fwhm,
             calibration=calibration,
+            reference_mask=reference_mask,
         )
-    inputnode = pe.Node(IdentityInterface(fields=["asl_file", "reference"]), name="inputnode")
+    inputnode = pe.Node(
+        IdentityInterface(fields=["asl_file", "reference", "reference_mask"]), name="inputnode"
+    )
     outputnode = pe.Node(
         IdentityInterface(fields=["m0_file", "mask_file", "m0_metadata", "reference_mask"]),
         name="outputnode",
@@ -257,6 +266,8 @@ def init_m0_wf(
         prepare.inputs.m0_estimate = m0_estimate
     if reference_mask:
         prepare.inputs.reference_mask = reference_mask
+    elif calibration != "voxel" and has_deltam:  # from the T1w segmentation (coreg_wf)
+        workflow.connect([(inputnode, prepare, [("reference_mask", "reference_mask")])])
     if m0_type == "Separate" and m0_file:
         prepare.inputs.m0_file = m0_file
         prepare.inputs.m0_source = m0_source

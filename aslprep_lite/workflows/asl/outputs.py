@@ -12,7 +12,10 @@ from aslprep_lite.bids.derivatives import ASL_DERIVATIVES
 from aslprep_lite.interfaces.outputs import WriteDerivatives
 
 #: Sidecar content coming from the other stages.
-METADATA = ["cbf_metadata", "m0_metadata", "confounds_metadata", "maps_metadata"]
+METADATA = [
+    "cbf_metadata", "m0_metadata", "confounds_metadata", "maps_metadata", "tissue_metadata",
+    "pvc_metadata", "coregistration_metadata", "resampled", "xfm_targets", "xfm_files",
+]  # fmt: skip
 #: One input per derivative of the output specification, named by its key.
 FIELDS = [d.key for d in ASL_DERIVATIVES] + METADATA
 
