@@ -41,8 +41,8 @@ RUN --mount=type=secret,id=pipcert \
     && /opt/aslprep_lite/bin/pip uninstall -y pip \
     && find /opt/aslprep_lite/lib -depth -type d \
         \( -path '*/numpy/*/tests' -o -path '*/scipy/*/tests' -o -path '*/pandas/tests' \
-           -o -path '*/nipype/testing/data' \) -exec rm -rf {} + \
-    && /opt/aslprep_lite/bin/python -c "import aslprep_lite.workflows.base, bids, SimpleITK" \
+           -o -path '*/nipype/testing/data' -o -path '*/dipy/*/tests' \) -exec rm -rf {} + \
+    && /opt/aslprep_lite/bin/python -c "import aslprep_lite.workflows.base, bids, SimpleITK, dipy.align.imwarp" \
     && /opt/aslprep_lite/bin/python -c "from aslprep_lite.templates import layout_embedded_home; layout_embedded_home('/opt/templateflow')"
 
 FROM ${BASE}

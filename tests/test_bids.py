@@ -338,3 +338,36 @@ def test_reference_calibration_echo_time_must_be_a_number(tmp_path):
     edit_sidecar(m0_sidecar, EchoTime=[])
     failure = discover(root, m0_calibration="csf").failures[0][1]
     assert "sub-01_m0scan.json: field 'EchoTime' must be a number, not []" in failure
+
+
+def test_t1w_choice_is_the_first_in_bids_order(tmp_path):
+    """Several T1w: the first in BIDS order is the reference, the others are listed; a
+    ``t1w`` filter picks another; a damaged T1w fails its participant's runs in one line."""
+    import nibabel as nb
+    import numpy as np
+
+    from aslprep_lite.bids.summary import run_summary
+    from aslprep_lite.config import QuantificationOptions
+    from aslprep_lite.spaces import DEFAULT_OUTPUT_SPACES, parse_output_spaces
+
+    write_dataset(tmp_path, [SyntheticSpec(subject="01"), SyntheticSpec(subject="02")])
+    anat = tmp_path / "sub-01" / "anat"
+    anat.mkdir()
+    image = nb.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4))
+    for run in (2, 1):
+        image.to_filename(anat / f"sub-01_run-{run}_T1w.nii.gz")
+    (tmp_path / "sub-02" / "anat").mkdir()
+    (tmp_path / "sub-02" / "anat" / "sub-02_T1w.nii.gz").write_bytes(b"\x1f\x8b truncated")
+    result = discover(tmp_path)
+    (run,) = result.runs
+    assert run.t1w_file.endswith("sub-01_run-1_T1w.nii.gz")
+    assert [Path(p).name for p in run.other_t1w] == ["sub-01_run-2_T1w.nii.gz"]
+    (failure,) = result.failures
+    assert "sub-02_T1w.nii.gz: T1w image is not a readable NIfTI" in failure[1]
+    assert "\n" not in failure[1]
+    summary = run_summary(run, QuantificationOptions(), parse_output_spaces(DEFAULT_OUTPUT_SPACES))
+    assert summary["anatomy"]["mode"] == "T1w"
+    assert any("space-T1w_cbf" in path for path in summary["outputs"])
+    picked = discover(tmp_path, participant_label=["01"], bids_filters={"t1w": {"run": 2}})
+    assert picked.runs[0].t1w_file.endswith("sub-01_run-2_T1w.nii.gz")
+    assert picked.runs[0].other_t1w == []

@@ -316,10 +316,15 @@ def test_graph_spaces_branches(runs, space_resources, t1w, calibration, spaces, 
     """Anatomy, coregistration, T1w-free alignment and reference regions where they belong."""
     from dataclasses import replace
 
-    from aslprep_lite.config import ExecutionOptions, OutputOptions, Settings
-    from aslprep_lite.workflows.base import init_single_subject_wf
+    import nibabel as nb
+    import numpy as np
 
-    run = replace(runs["separate"], t1w_file=str(tmp_path / "T1w.nii.gz") if t1w else None)
+    from aslprep_lite.config import ExecutionOptions, OutputOptions, Settings
+    from aslprep_lite.workflows.base import init_aslprep_lite_wf
+
+    t1w_file = tmp_path / "T1w.nii.gz"
+    nb.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)).to_filename(t1w_file)
+    run = replace(runs["separate"], t1w_file=str(t1w_file) if t1w else None)
     resources = space_resources
     if spaces == "asl":
         resources = replace(resources, spaces=resources.spaces[:1], template_files={})
@@ -328,13 +333,13 @@ def test_graph_spaces_branches(runs, space_resources, t1w, calibration, spaces, 
         quantification=QuantificationOptions(m0_calibration=calibration),
         outputs=OutputOptions(output_dir=tmp_path / "o", output_spaces=resources.spaces),
     )
-    workflow = init_single_subject_wf(run.subject, [run], settings, resources)
+    workflow = init_aslprep_lite_wf(settings, [run], resources)
     nodes = set(workflow.list_node_names())
-    prefix = "asl_sub_separate."
+    prefix = "sub_separate_wf.asl_sub_separate."
     templates = spaces == "default"
-    assert ("anat_wf.preprocess_t1w" in nodes) == t1w
-    assert ("anat_wf.write_anatomy" in nodes) == t1w
-    assert ("anat_wf.itk_MNI152NLin2009aSym" in nodes) == (t1w and templates)
+    assert ("sub_separate_wf.anat_wf.preprocess_t1w" in nodes) == t1w
+    assert ("sub_separate_wf.anat_wf.write_anatomy" in nodes) == t1w
+    assert ("sub_separate_wf.anat_wf.itk_MNI152NLin2009aSym" in nodes) == (t1w and templates)
     assert (prefix + "coreg_wf.coregister" in nodes) == t1w
     assert (prefix + "spaces_wf.resample" in nodes) == (t1w or templates)
     assert (prefix + "spaces_wf.align_MNI152NLin2009aSym" in nodes) == (templates and not t1w)

@@ -242,10 +242,19 @@ def _report_quality_warnings(output_dir: Path, run: AslRun) -> None:
     sidecar = output_dir / run.out_dir / f"{run.prefix}_cbf.json"
     if sidecar.is_file():
         content = json.loads(sidecar.read_text())
-        coregistration = content.get("Coregistration", {}).get("Warning")
-        for warning in content.get("QualityWarnings", []) + [coregistration] * bool(
-            coregistration
-        ):
+        warnings = list(content.get("QualityWarnings", []))
+        coregistration = content.get("Coregistration", {})
+        if "Path" in coregistration:  # which of the two registrations was kept, said out loud
+            LOGGER.info(
+                "%s: ASL to T1w coregistration from the %s (Dice %s; candidates %s)",
+                sidecar,
+                coregistration["Path"],
+                coregistration["Dice"],
+                coregistration["Candidates"],
+            )
+        if coregistration.get("Warning"):  # not to be found only on disk
+            warnings.append(coregistration["Warning"])
+        for warning in warnings:
             LOGGER.warning("%s: %s", sidecar, warning)
 
 
