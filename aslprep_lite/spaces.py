@@ -356,11 +356,11 @@ def anatomy_template_files() -> dict[str, Path]:
     at res-1: it works offline and has the GM and WM priors the segmentation needs, whatever
     the output spaces are.
     """
-    from aslprep_lite.templates import EMBEDDED_TEMPLATE, get_template
+    from aslprep_lite.templates import EMBEDDED_TEMPLATE, _filename, layout_embedded_home
 
-    files = {
-        role: get_template(EMBEDDED_TEMPLATE, resolution=1, **entities)
-        for role, entities in {**REQUIRED_FILES, **OPTIONAL_FILES}.items()
-        if role != "CSF"
-    }
-    return files
+    # From the embedded home even when TEMPLATEFLOW_HOME points elsewhere: a user's folder
+    # pre-fetched for other templates need not hold this one.
+    folder = layout_embedded_home() / f"tpl-{EMBEDDED_TEMPLATE}"
+    names = {"T1w": "T1w", "mask": "desc-brain_mask", "GM": "label-GM_probseg",
+             "WM": "label-WM_probseg"}  # fmt: skip
+    return {role: folder / _filename(1, entities) for role, entities in names.items()}

@@ -1,8 +1,10 @@
-"""Benchmark of candidate engines for T1w anatomy: N4, brain mask, segmentation, normalization.
+"""Benchmark of T1w anatomy: N4, brain mask, segmentation, normalization.
 
-Builds a deterministic synthetic subject with known truth from the embedded
-MNI152NLin2009aSym template (res-1) and times each candidate pipeline on it, one engine at a
-time, each in a fresh child process (so that the peak RSS is the engine's own):
+Times the package's own anatomy (engine ``pipeline``, the default) and the candidate engines
+it was chosen from. Builds a deterministic synthetic subject with known truth from the
+MNI152NLin2009aSym template (res-1) with :func:`aslprep_lite.synthetic_anatomy.make_anatomy`
+(1 mm T1w) and times each pipeline on it, one engine at a time, each in a fresh child process
+(so that the peak RSS is the engine's own). That module documents the subject; in short:
 
 * **truth**: a template point ``y`` is assigned to every subject point ``x`` by
   ``y = M x + b + d(x)``, with ``M`` a random affine (per-axis scaling 5-10 %, rotations of
@@ -10,9 +12,8 @@ time, each in a fresh child process (so that the peak RSS is the engine's own):
   upsampling of a coarse Gaussian grid, at most ``--max-disp`` mm). The subject's T1w, GM, WM,
   CSF (template mask - GM - WM) and brain mask are the template's sampled at ``y``; the
   discrete truth is the argmax of the CSF/GM/WM probabilities inside the brain mask;
-* **head**: the template T1w is skull-stripped, so a head is added around the warped brain: a
-  dark skull band (2-7 mm from the brain, thickness modulated ±1.5 mm) and a bright scalp band
-  (next 5 mm), air outside;
+* **head**: a dark skull band (0-7 mm from the brain) and a bright scalp band (next 5 mm),
+  edges modulated ±1.5 mm, air outside;
 * **acquisition**: a multiplicative smooth bias field (±20 %), Rician noise (σ = 2 % of the
   WM intensity), on a 176 × 256 × 256 grid of 1 mm voxels laid out like a sagittal MPRAGE
   (axis codes R, P, I) with a 5° oblique tilt.
@@ -20,6 +21,18 @@ time, each in a fresh child process (so that the peak RSS is the engine's own):
 Pipelines (each engine maps the template into subject space; the brain mask is the template
 mask warped back, the segmentation uses the warped GM/WM/CSF maps as priors):
 
+* ``pipeline`` (default): ``aslprep_lite.quant.anatomy.preprocess_t1w`` itself, on the T1w
+  and template read as the ``PreprocessT1w`` node reads them (``load_template`` of the res-1
+  T1w, mask, GM and WM). Its parts are timed by wrapping the functions it calls, so the code
+  that runs is the package's, unchanged: N4 (``bias_correct``), ``normalize`` (``affine`` =
+  ``register_affine``, the dilated-mask resample, ``SyN (dipy)``, the ``deformation readout``
+  of dipy's map onto the two 2 mm grids), the ``resample_through`` warps of the template mask
+  and priors, the largest component of the mask, ``segmentation (EM)`` and the QC
+  correlation. Its labels (1 GM, 2 WM, 3 CSF) are mapped to the truth's (1 CSF, 2 GM, 3 WM);
+  the EPE is that of ``Normalization.to_template`` evaluated at the true brain voxels, the
+  template GM Dice that of the GM prior handed to the EM. Registration is at the package's
+  ``REGISTRATION_MM`` (``--reg-res`` does not apply) with the command line's seed
+  (``aslprep_lite.config.RANDOM_SEED``), so that runs are byte-identical;
 * ``sitk``: SimpleITK N4 (shrink 4, Otsu head mask); rigid then affine registration
   (Mattes MI, fixed mask = template brain mask dilated 4 mm); B-spline refinement (gradient
   descent with line search, Mattes MI, mesh 6³ then 12³, subject as fixed image at shrink 4
@@ -39,15 +52,26 @@ back are res-1). Accuracy: Dice of the brain mask against the truth; GM and WM D
 discrete segmentation against the discrete truth; normalization as the Dice of the template
 GM map (> 0.5) warped to the subject against the true GM map (> 0.5) and the mean endpoint
 error (mm) of the subject → template mapping over true brain voxels (the engine's warp is
-read out by resampling images of the template's world coordinates). Peak RSS is the child's
-``VmHWM`` (else ``ru_maxrss``) after each step (cumulative; it includes the interpreter, the
-imports and the inputs read).
+read out by resampling images of the template's world coordinates; ``pipeline``'s
+deformation is evaluated at the points directly). Peak RSS is the child's ``VmHWM`` (else
+``ru_maxrss``) after each step (cumulative; it includes the interpreter, the imports and the
+inputs read). Each step also has its CPU time (``time.process_time``, user + system of the
+child): for the single-threaded steps it is what the wall time would be on an idle machine,
+so compare it with the wall time when the load average (printed before and after each
+engine) is high.
 
 Nothing is downloaded: the template comes from :func:`aslprep_lite.templates.layout_embedded_home`
-when ``aslprep_lite`` is importable, otherwise from ``--template-dir``.
+when ``aslprep_lite`` is importable, otherwise from ``--template-dir``. Building the subject
+imports ``aslprep_lite.synthetic_anatomy`` (numpy, scipy and nibabel only), from the source
+tree beside this script when the package is not installed in the running environment; the
+child processes of ``sitk``, ``ants`` and ``dipy`` read the cached subject and do not import
+``aslprep_lite``.
 
 Usage (engines that cannot be imported are skipped with a line)::
 
+    # the package's own pipeline (the default engine)
+    .venv/bin/python benchmarks/bench_anatomy.py
+    .venv/bin/python benchmarks/bench_anatomy.py --engines pipeline,sitk,dipy
     # sitk (the project's own environment; also lays out the template, see below)
     .venv/bin/python benchmarks/bench_anatomy.py --engines sitk
     .venv/bin/python -c "import aslprep_lite.templates as t; t.layout_embedded_home('/tmp/tf')"
@@ -80,8 +104,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TPL = "tpl-MNI152NLin2009aSym_res-{res}_{suffix}.nii.gz"
-SUBJECT_SHAPE = (176, 256, 256)
-ENGINES = {"sitk": ("SimpleITK",), "ants": ("ants",), "dipy": ("SimpleITK", "dipy")}
+#: Recorded in truth.json: a cached subject made by another generator is made again.
+GENERATOR = "aslprep_lite.synthetic_anatomy 1"
+ENGINES = {
+    "pipeline": ("aslprep_lite", "SimpleITK", "dipy"),
+    "sitk": ("SimpleITK",),
+    "ants": ("ants",),
+    "dipy": ("SimpleITK", "dipy"),
+}
 TARGET_WALL_S = 180.0
 TARGET_RSS_MB = 3072.0
 
@@ -124,43 +154,22 @@ class Recorder:
     @contextmanager
     def step(self, name: str):
         """Time the enclosed block as step ``name``."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         yield
-        self.steps.append({"step": name, "wall_s": time.perf_counter() - t0, "rss_mb": _rss_mb()})
+        self.steps.append(
+            {
+                "step": name,
+                "wall_s": time.perf_counter() - t0,
+                "cpu_s": time.process_time() - c0,
+                "rss_mb": _rss_mb(),
+            }
+        )
         print(f"  {name}: {self.steps[-1]['wall_s']:.1f} s", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
 # Synthetic subject
 # --------------------------------------------------------------------------------------------
-
-
-def _rotation(angles_deg) -> object:
-    """Rotation matrix from three angles (degrees) about x, y, z."""
-    import numpy as np
-
-    ax, ay, az = np.deg2rad(angles_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def _smooth_field(rng, coarse, shape, n: int = 1):
-    """``n`` smooth random fields on ``shape`` (cubic upsampling of coarse Gaussian noise)."""
-    import numpy as np
-    from scipy import ndimage
-
-    mid = tuple(max(c, s // 4) for c, s in zip(coarse, shape, strict=True))
-    out = []
-    for _ in range(n):
-        small = rng.standard_normal(coarse)
-        small = ndimage.zoom(small, [m / c for m, c in zip(mid, coarse, strict=True)], order=3)
-        full = ndimage.zoom(
-            small.astype(np.float32), [s / m for s, m in zip(shape, mid, strict=True)], order=1
-        )
-        out.append(full)
-    return out
 
 
 def template_files(template_dir: Path, res: int) -> dict[str, Path]:
@@ -174,86 +183,45 @@ def template_files(template_dir: Path, res: int) -> dict[str, Path]:
     return {k: template_dir / TPL.format(res=res, suffix=v) for k, v in names.items()}
 
 
+def _synthetic_anatomy():
+    """``aslprep_lite.synthetic_anatomy``, from the source tree when it is not installed."""
+    if importlib.util.find_spec("aslprep_lite") is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import aslprep_lite.synthetic_anatomy as module
+
+    return module
+
+
 def make_subject(template_dir: Path, workdir: Path, seed: int, max_disp: float) -> None:
     """Write the synthetic subject, its truth and the template helper images to ``workdir``."""
     import nibabel as nb
     import numpy as np
+    from nibabel.affines import apply_affine
     from scipy import ndimage
 
-    rng = np.random.default_rng(seed)
-    files = template_files(template_dir, 1)
-    tpl = {k: nb.load(v) for k, v in files.items()}
-    tpl_aff = tpl["t1w"].affine
-    data = {k: np.asarray(v.dataobj, dtype=np.float32) for k, v in tpl.items()}
-    data["csf"] = np.clip(data["mask"] - data["gm"] - data["wm"], 0, 1)
-
-    # Subject grid: sagittal MPRAGE-like (R, P, I) with a 5° oblique tilt about x.
-    shape = SUBJECT_SHAPE
-    rot = _rotation((5.0, 0.0, 0.0)) @ np.diag([1.0, -1.0, -1.0])
-    centre = np.array([0.0, -15.0, 5.0])  # mm: FOV centre (the head extends below the brain)
-    subj_aff = np.eye(4)
-    subj_aff[:3, :3] = rot
-    subj_aff[:3, 3] = centre - rot @ ((np.array(shape) - 1) / 2)
-
-    # True mapping subject world -> template world: y = M x + b + d(x).
-    scales = rng.uniform(0.90, 0.95, 3) ** rng.choice([-1, 1], 3)
-    angles = rng.uniform(3, 6, 3) * rng.choice([-1, 1], 3)
-    mat = _rotation(angles) @ np.diag(scales)
-    shift = rng.uniform(-5, 5, 3)
-    disp = _smooth_field(rng, (5, 6, 6), shape, 3)
-    peak = max(float(np.abs(d).max()) for d in disp)
-    disp = [d * np.float32(max_disp / peak) for d in disp]
-
-    ijk = np.indices(shape, dtype=np.float32).reshape(3, -1)
-    world = subj_aff[:3, :3] @ ijk + subj_aff[:3, 3:4]
-    y = (mat @ world + shift[:, None]).astype(np.float32)
-    del world
-    for axis in range(3):
-        y[axis] += disp[axis].ravel()
-    del disp
-    inv = np.linalg.inv(tpl_aff)
-    tpl_ijk = (inv[:3, :3] @ y + inv[:3, 3:4]).astype(np.float32)
-
-    truth = {
-        k: ndimage.map_coordinates(data[k], tpl_ijk, order=1, cval=0.0).reshape(shape)
-        for k in ("t1w", "mask", "gm", "wm", "csf")
-    }
-    del tpl_ijk
-    brain = truth["mask"] > 0.5
-    labels = np.zeros(shape, np.uint8)
-    probs = np.stack([truth["csf"], truth["gm"], truth["wm"]])
-    labels[brain] = 1 + np.argmax(probs[:, brain], axis=0).astype(np.uint8)
-
-    # Head: skull (dark) and scalp (bright) bands around the brain, air outside.
-    dist = ndimage.distance_transform_edt(~brain).astype(np.float32)
-    (wobble,) = _smooth_field(rng, (4, 5, 5), shape)
-    wobble *= np.float32(1.5 / np.abs(wobble).max())
-    wm_level = float(np.median(truth["t1w"][labels == 3]))
-    head = truth["t1w"] * truth["mask"]
-    skull = (dist > 0) & (dist <= 7 + wobble)
-    scalp = (dist > 7 + wobble) & (dist <= 12 + wobble)
-    head[skull & ~brain] = 0.05 * wm_level
-    head[scalp] = 0.8 * wm_level
-    head = ndimage.gaussian_filter(head, 0.6)
-
-    (bias,) = _smooth_field(rng, (3, 4, 4), shape)
-    bias = 1 + 0.2 * bias / np.abs(bias).max()
-    sigma = 0.02 * wm_level
-    signal = head * bias
-    noisy = np.sqrt(
-        (signal + sigma * rng.standard_normal(shape, dtype=np.float32)) ** 2
-        + (sigma * rng.standard_normal(shape, dtype=np.float32)) ** 2
+    synthetic_anatomy = _synthetic_anatomy()
+    spec = synthetic_anatomy.AnatomySpec(
+        seed=seed, t1w_zooms=(1.0, 1.0, 1.0), max_disp_mm=max_disp, template_res=1
     )
+    anatomy = synthetic_anatomy.make_anatomy(spec, template_dir=template_dir)
+    subj_aff = anatomy.affine
+    brain = anatomy.brain_mask
 
     workdir.mkdir(parents=True, exist_ok=True)
-    nb.Nifti1Image(noisy.astype(np.float32), subj_aff).to_filename(workdir / "sub_T1w.nii")
+    nb.Nifti1Image(np.asarray(anatomy.t1w.dataobj), subj_aff).to_filename(workdir / "sub_T1w.nii")
     nb.Nifti1Image(brain.astype(np.uint8), subj_aff).to_filename(workdir / "truth_mask.nii.gz")
-    nb.Nifti1Image(labels, subj_aff).to_filename(workdir / "truth_dseg.nii.gz")
-    nb.Nifti1Image(truth["gm"], subj_aff).to_filename(workdir / "truth_GM.nii.gz")
-    np.save(workdir / "truth_y_brain.npy", y[:, brain.ravel()])
+    nb.Nifti1Image(anatomy.dseg, subj_aff).to_filename(workdir / "truth_dseg.nii.gz")
+    nb.Nifti1Image(anatomy.gm, subj_aff).to_filename(workdir / "truth_GM.nii.gz")
+    # True template coordinates of the brain voxels, (3, n) in C order of the voxels.
+    y_brain = anatomy.subject_to_template(apply_affine(subj_aff, np.argwhere(brain)))
+    np.save(workdir / "truth_y_brain.npy", y_brain.T.astype(np.float32))
+    del y_brain
 
     # Template helpers: CSF prior (res-1); dilated mask and world-coordinate images (res-reg).
-    nb.Nifti1Image(data["csf"], tpl_aff).to_filename(workdir / "tpl_res-1_CSF.nii.gz")
+    _, tpl_affine = anatomy.template_grid(1)
+    nb.Nifti1Image(anatomy.template_map("csf", 1), tpl_affine).to_filename(
+        workdir / "tpl_res-1_CSF.nii.gz"
+    )
     for res in (1, 2):
         f = template_files(template_dir, res)
         img = nb.load(f["mask"])
@@ -270,12 +238,13 @@ def make_subject(template_dir: Path, workdir: Path, seed: int, max_disp: float) 
                 xyz[axis].reshape(img.shape).astype(np.float32), img.affine
             ).to_filename(workdir / f"tpl_res-{res}_coord{axis}.nii.gz")
     meta = {
+        "generator": GENERATOR,
         "seed": seed,
-        "scales": scales.tolist(),
-        "angles_deg": angles.tolist(),
-        "shift_mm": shift.tolist(),
+        "scales": anatomy.scales.tolist(),
+        "angles_deg": anatomy.angles_deg.tolist(),
+        "shift_mm": anatomy.shift.tolist(),
         "max_disp_mm": max_disp,
-        "shape": list(shape),
+        "shape": list(anatomy.shape),
         "axcodes": "".join(nb.aff2axcodes(subj_aff)),
         "brain_voxels": int(brain.sum()),
     }
@@ -338,8 +307,30 @@ def em_segment(intensity, mask, priors, iterations: int = 15, prior_weight: floa
     return labels
 
 
+def _map_brain_points(workdir: Path, truth_mask, mapping):
+    """``mapping`` applied to the world points of the true brain voxels: (3, n), C order."""
+    import nibabel as nb
+    import numpy as np
+
+    affine = nb.load(workdir / "truth_mask.nii.gz").affine
+    ijk = np.argwhere(truth_mask)  # C order, as truth_y_brain.npy
+    out = np.empty((3, len(ijk)), np.float32)
+    for start in range(0, len(ijk), 1 << 20):  # chunks bound the memory
+        part = ijk[start : start + (1 << 20)].astype(np.float64)
+        points = part @ affine[:3, :3].T + affine[:3, 3]
+        out[:, start : start + len(part)] = np.asarray(mapping(points)).T
+    return out
+
+
 def evaluate(workdir: Path, result: dict) -> dict:
-    """Accuracy of an engine's outputs (``mask``, ``dseg``, ``gm``, ``coords``) vs the truth."""
+    """Accuracy of an engine's outputs vs the truth.
+
+    ``result`` holds ``mask``, ``dseg`` (labels 1 CSF, 2 GM, 3 WM, as the truth), ``gm`` (the
+    template GM prior on the subject grid) and either ``coords`` (three images of the template
+    world coordinates on the subject grid) or ``mapping`` (a callable taking subject world
+    points (n, 3) to template points); optionally ``coords_affine`` or ``mapping_affine``
+    for the affine stage alone.
+    """
     import nibabel as nb
     import numpy as np
 
@@ -347,10 +338,16 @@ def evaluate(workdir: Path, result: dict) -> dict:
     truth_dseg = np.asarray(nb.load(workdir / "truth_dseg.nii.gz").dataobj)
     truth_gm = np.asarray(nb.load(workdir / "truth_GM.nii.gz").dataobj) > 0.5
     y_true = np.load(workdir / "truth_y_brain.npy")
-    y_est = np.stack([c[truth_mask] for c in result["coords"]])
+    if "mapping" in result:  # a callable: subject world points (n, 3) -> template points
+        y_est = _map_brain_points(workdir, truth_mask, result["mapping"])
+    else:
+        y_est = np.stack([c[truth_mask] for c in result["coords"]])
     epe = np.linalg.norm(y_est - y_true, axis=0)
     extra = {}
-    if "coords_affine" in result:  # the affine stage alone, for reference
+    if "mapping_affine" in result:  # the affine stage alone, for reference
+        y_aff = _map_brain_points(workdir, truth_mask, result["mapping_affine"])
+        extra["epe_affine_mm"] = float(np.linalg.norm(y_aff - y_true, axis=0).mean())
+    elif "coords_affine" in result:
         y_aff = np.stack([c[truth_mask] for c in result["coords_affine"]])
         extra["epe_affine_mm"] = float(np.linalg.norm(y_aff - y_true, axis=0).mean())
     return extra | {
@@ -627,7 +624,127 @@ def run_ants(workdir: Path, template_dir: Path, opts, rec: Recorder) -> dict:
     return {"mask": mask, "dseg": dseg, "gm": priors[1].numpy(), "coords": coords}
 
 
-RUNNERS = {"sitk": run_sitk, "ants": run_ants, "dipy": run_dipy}
+# --------------------------------------------------------------------------------------------
+# The package's own pipeline (engine pipeline)
+# --------------------------------------------------------------------------------------------
+
+#: Package labels (1 GM, 2 WM, 3 CSF: fMRIPrep's dseg) -> the truth's (1 CSF, 2 GM, 3 WM).
+PACKAGE_TO_TRUTH_LABELS = (0, 2, 3, 1)
+
+
+class _Timed:
+    """Wrap functions so that each call's wall time is added to a named step of a Recorder.
+
+    Steps nest: a call made inside another wrapped call is recorded as ``outer / inner`` (so
+    ``normalize / affine`` is part of ``normalize``). Calls of the same step are summed, in the
+    order first seen; the RSS is the cumulative peak after the step's last call.
+    """
+
+    def __init__(self, rec: Recorder) -> None:
+        self.rec = rec
+        self.stack: list[str] = []
+        self.index: dict[str, dict] = {}
+        self.undo: list[tuple[object, str, object]] = []
+
+    def wrap(self, owner, attr: str, label: str, hook=None) -> None:
+        """Replace ``owner.attr`` by a timed wrapper (``hook(args, kwargs)`` sees the call)."""
+        original = getattr(owner, attr)
+        timed = self
+
+        def wrapper(*args, **kwargs):
+            if hook is not None:
+                hook(args, kwargs)
+            timed.stack.append(label)
+            name = " / ".join(timed.stack)
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                timed.stack.pop()
+                timed._add(name, wall, cpu)
+
+        self.undo.append((owner, attr, original))
+        setattr(owner, attr, wrapper)
+
+    def _add(self, name: str, wall: float, cpu: float) -> None:
+        entry = self.index.get(name)
+        if entry is None:
+            entry = {"step": name, "wall_s": 0.0, "cpu_s": 0.0, "rss_mb": 0.0, "calls": 0}
+            self.index[name] = entry
+            self.rec.steps.append(entry)
+        entry["wall_s"] += wall
+        entry["cpu_s"] += cpu
+        entry["calls"] += 1
+        entry["rss_mb"] = _rss_mb()
+        print(f"  {name}: {wall:.1f} s", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        """Put the original functions back."""
+        for owner, attr, original in reversed(self.undo):
+            setattr(owner, attr, original)
+        self.undo.clear()
+
+
+def run_pipeline(workdir: Path, template_dir: Path, opts, rec: Recorder) -> dict:
+    """The package itself: ``aslprep_lite.quant.anatomy.preprocess_t1w``, as the node runs it.
+
+    The T1w and the template are read as ``PreprocessT1w`` reads them (``_load`` and
+    ``load_template`` with the res-1 T1w, mask, GM and WM, i.e. CSF = mask - GM - WM), then
+    ``preprocess_t1w`` runs unchanged; its parts (N4, affine, SyN, readout of the
+    deformations, warps of the mask and priors, EM, the QC correlation) are timed by wrapping
+    the functions it calls. ``--reg-res`` does not apply: the package registers at
+    ``REGISTRATION_MM``.
+    """
+    import numpy as np
+    from dipy.align.imwarp import DiffeomorphicMap, SymmetricDiffeomorphicRegistration
+
+    from aslprep_lite.config import RANDOM_SEED
+    from aslprep_lite.interfaces import anatomical as nodes
+    from aslprep_lite.quant import anatomy as anat
+    from aslprep_lite.quant.warps import apply_affine
+
+    f1 = template_files(template_dir, 1)
+    files = {"T1w": f1["t1w"], "mask": f1["mask"], "GM": f1["gm"], "WM": f1["wm"]}
+    captured: dict = {}
+    timed = _Timed(rec)
+    timed.wrap(anat, "bias_correct", "N4")
+    timed.wrap(anat, "normalize", "normalize")
+    timed.wrap(anat, "register_affine", "affine")
+    timed.wrap(SymmetricDiffeomorphicRegistration, "optimize", "SyN (dipy)")
+    timed.wrap(DiffeomorphicMap, "transform_points", "deformation readout")
+    timed.wrap(DiffeomorphicMap, "transform_points_inverse", "deformation readout")
+    timed.wrap(anat, "resample_through", "resample_through (warps)")
+    timed.wrap(anat, "_largest_component", "mask: largest component")
+    timed.wrap(anat, "segment", "segmentation (EM)", hook=lambda a, k: captured.update(gm=a[2][0]))
+    timed.wrap(anat, "discrete_segmentation", "segmentation (EM)")
+    timed.wrap(anat, "normalization_correlation", "QC correlation")
+    try:
+        with rec.step("read T1w + template"):
+            data, affine = nodes._load(str(workdir / "sub_T1w.nii"))
+            template = nodes.load_template({k: str(v) for k, v in files.items()})
+        with rec.step("preprocess_t1w (whole)"):
+            # The command line's seed (--seed makes the subject): a seed of 0 would be
+            # SimpleITK's sitkWallClock, i.e. a different metric sampling at every run.
+            result = anat.preprocess_t1w(data, affine, template, seed=RANDOM_SEED)
+    finally:
+        timed.restore()
+    del template
+    norm = result.normalization
+    labels = np.asarray(PACKAGE_TO_TRUTH_LABELS, np.uint8)[result.dseg]
+    template_to_subject = np.asarray(norm.affine, float)  # the affine stage alone
+    subject_to_template = np.linalg.inv(template_to_subject)
+    return {
+        "mask": result.mask,
+        "dseg": labels,
+        "gm": captured["gm"],
+        "mapping": norm.to_template,
+        "mapping_affine": lambda points: apply_affine(subject_to_template, points),
+        "metrics": result.metrics,
+    }
+
+
+RUNNERS = {"pipeline": run_pipeline, "sitk": run_sitk, "ants": run_ants, "dipy": run_dipy}
 
 
 # --------------------------------------------------------------------------------------------
@@ -639,19 +756,25 @@ def _worker(opts) -> None:
     """Run one engine in this (child) process and print its JSON record on stdout."""
     workdir = Path(opts.workdir)
     rec = Recorder()
-    t0 = time.perf_counter()
+    load_before = os.getloadavg()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = RUNNERS[opts.worker](workdir, Path(opts.template_dir), opts, rec)
-    total = time.perf_counter() - t0
+    total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = _rss_mb()
+    load_after = os.getloadavg()
     acc = evaluate(workdir, out)
     record = {
         "engine": opts.worker,
         "steps": rec.steps,
         "total_wall_s": total,
+        "total_cpu_s": total_cpu,
         "peak_rss_mb": peak,
         "accuracy": acc,
-        "load": os.getloadavg(),
+        "load_before": load_before,
+        "load": load_after,
     }
+    if "metrics" in out:
+        record["metrics"] = out["metrics"]
     if opts.worker == "ants":
         record["engine"] = f"ants {opts.ants_transform}"
     print("RESULT " + json.dumps(record), flush=True)
@@ -669,11 +792,16 @@ def _template_dir(opts) -> Path:
 
 def _print_table(records: list[dict]) -> None:
     """Print the per-step and per-engine tables."""
-    print(f"\n{'engine / step':<56}{'wall s':>8}{'peak RSS MB':>13}")
+    print(f"\n{'engine / step':<64}{'wall s':>8}{'CPU s':>8}{'peak RSS MB':>13}")
     for r in records:
         for s in r["steps"]:
-            print(f"{r['engine'] + ' / ' + s['step']:<56}{s['wall_s']:>8.1f}{s['rss_mb']:>13.0f}")
-        print(f"{r['engine'] + ' / TOTAL':<56}{r['total_wall_s']:>8.1f}{r['peak_rss_mb']:>13.0f}")
+            calls = f" ({s['calls']} calls)" if s.get("calls", 1) > 1 else ""
+            name = f"{r['engine']} / {s['step']}{calls}"
+            cpu = f"{s['cpu_s']:>8.1f}" if "cpu_s" in s else f"{'':>8}"
+            print(f"{name:<64}{s['wall_s']:>8.1f}{cpu}{s['rss_mb']:>13.0f}")
+        cpu = f"{r['total_cpu_s']:>8.1f}" if "total_cpu_s" in r else f"{'':>8}"
+        total = r["engine"] + " / TOTAL"
+        print(f"{total:<64}{r['total_wall_s']:>8.1f}{cpu}{r['peak_rss_mb']:>13.0f}")
     head = ("engine", "wall s", "RSS MB", "brain", "GM", "WM", "tplGM", "EPE mm", "p95", "ok")
     print("\n{:<34}{:>8}{:>8}{:>7}{:>7}{:>7}{:>7}{:>8}{:>6}{:>4}".format(*head))
     for r in records:
@@ -686,20 +814,28 @@ def _print_table(records: list[dict]) -> None:
             f"{'yes' if ok else 'no':>4}"
         )
     for r in records:
+        before, after = r.get("load_before"), r.get("load")
+        if before and after:
+            print(
+                f"{r['engine']}: load average (1 min) {before[0]:.2f} before, {after[0]:.2f} after"
+            )
+        if "metrics" in r:
+            print(f"{r['engine']}: metrics {r['metrics']}")
         if "epe_affine_mm" in r["accuracy"]:
             epe = r["accuracy"]["epe_affine_mm"]
             print(f"{r['engine']}: mean EPE after the affine stage alone {epe:.2f} mm")
     print(
         "\nDice: brain mask, GM/WM of the discrete segmentation, template GM (>0.5) warped to"
         " the subject; EPE: mean and 95th percentile endpoint error of subject -> template over"
-        f" true brain voxels. ok: ≤ {TARGET_WALL_S:.0f} s and ≤ {TARGET_RSS_MB:.0f} MB."
+        f" true brain voxels. ok: ≤ {TARGET_WALL_S:.0f} s and ≤ {TARGET_RSS_MB:.0f} MB. CPU s:"
+        " user + system time of the engine's process (load-independent for one thread)."
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Build (or reuse) the synthetic subject, run the engines, print the tables."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--engines", default="sitk,ants,dipy")
+    p.add_argument("--engines", default="pipeline")
     p.add_argument("--workdir", default="/tmp/bench_anatomy")
     p.add_argument("--template-dir", default=None)
     p.add_argument("--threads", type=int, default=2)
@@ -719,8 +855,8 @@ def main(argv: list[str] | None = None) -> int:
     template_dir = _template_dir(opts)
     meta_file = workdir / "truth.json"
     stale = not meta_file.exists() or tuple(
-        json.loads(meta_file.read_text())[k] for k in ("seed", "max_disp_mm")
-    ) != (opts.seed, opts.max_disp)
+        json.loads(meta_file.read_text()).get(k) for k in ("generator", "seed", "max_disp_mm")
+    ) != (GENERATOR, opts.seed, opts.max_disp)
     if opts.regenerate or stale:
         t0 = time.perf_counter()
         make_subject(template_dir, workdir, opts.seed, opts.max_disp)
@@ -740,6 +876,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--worker", engine, "--workdir", str(workdir)]
         cmd += ["--template-dir", str(template_dir), "--threads", str(opts.threads)]
         cmd += ["--reg-res", str(opts.reg_res), "--ants-transform", opts.ants_transform]
+        cmd += ["--seed", str(opts.seed)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:

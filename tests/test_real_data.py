@@ -25,7 +25,19 @@ assert what a user must be able to rely on, not exact values:
 - ``siemens_xa30_pcasl2d``: our CBF map correlates spatially with the scanner's own inline
   relCBF map (Pearson r >= 0.6 in our brain mask: a regression guard, r was 0.65 on
   2026-11-27; only 3 label/control pairs, so the maps are noisy);
-- no input file changes (sha256 of every file before and after).
+- no input file changes (sha256 of every file before and after);
+- with no T1w, the default output spaces (``asl T1w MNI152NLin2009aSym:res-2``) run the
+  T1w-free mode: each run that succeeds also writes its CBF and brain mask in
+  ``MNI152NLin2009aSym`` at res-2 and ``from-aslref_to-MNI152NLin2009aSym_mode-image_xfm.txt``
+  (no ``space-T1w``, no PVC, no ``anat/``), its CBF sidecar has the registration's
+  ``Coregistration`` record with a Dice of at least 0.8 (0.875-0.945 on 2026-11-27) and
+  tissue means from the template's priors. Except at PLD 0.2 s (vessel signal, whose median
+  moves with the mask's edge), the median CBF in the run's brain mask brought to the template
+  is within 5 % of the native brain-mask median (-1.2 to +1.8 % on 2026-11-27), and the median
+  in the template's grey matter (GM prior > 0.5, within that mask) within 25 % of it (+8 to
+  +22 %: grey matter only, against a grey/white mixture);
+- the template-space outputs change nothing on the native grid: ``siemens_xa30_pcasl2d``
+  processed with ``--output-spaces asl`` writes the same native files, byte for byte.
 
 Each dataset is processed once per module, on demand, with the real command line run in
 process. ``pytest -s`` shows the median CBF of each dataset and the xa30 correlation. The
@@ -76,6 +88,16 @@ ATT_RANGE = (0.5, 2.0)
 MIN_SCANNER_CORRELATION = 0.6
 
 SUBJECT_PERF = Path("sub-01") / "perf"
+
+#: The template of the default output spaces: these data have no T1w (T1w-free mode).
+TEMPLATE = "MNI152NLin2009aSym"
+MNI = f"space-{TEMPLATE}_res-2"
+#: Template grey-matter median CBF against the native brain-mask median (relative).
+TEMPLATE_MEDIAN_TOLERANCE = 0.25
+#: The same brain-mask median on the template grid and on the native grid (relative).
+RESAMPLED_MEDIAN_TOLERANCE = 0.05
+#: Dice of the ASL and template brain masks below which the registration warns.
+MIN_TEMPLATE_DICE = 0.8
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -283,3 +305,79 @@ def test_correlates_with_scanner_relcbf(processed):
 def test_input_dataset_untouched(processed, name):
     run = processed(name)
     assert tree_digest(run.bids) == run.input_digest
+
+
+def _template_medians(run: Processed) -> tuple[float, float, float]:
+    """Template-space median CBF in the run's brain mask (brought to the template), and where
+    the template's GM prior is also > 0.5; and the fraction of that GM the mask covers."""
+    spatial = run.sidecar(f"{MNI}_cbf")["SpatialReference"]
+    prior = (
+        Path(spatial["TemplateFlowHome"])
+        / f"tpl-{TEMPLATE}"
+        / f"tpl-{TEMPLATE}_res-2_label-GM_probseg.nii.gz"
+    )
+    gm = np.asarray(nb.load(prior).dataobj, dtype=float) > 0.5
+    cbf = run.image(f"{MNI}_cbf")
+    mask = (run.image(f"{MNI}_desc-brain_mask") > 0) & np.isfinite(cbf)
+    assert (gm & mask).sum() > 1000
+    return (
+        float(np.median(cbf[mask])),
+        float(np.median(cbf[gm & mask])),
+        float((gm & mask).sum() / gm.sum()),
+    )
+
+
+@pytest.mark.parametrize("name", WITH_M0)
+def test_t1w_free_template_outputs(processed, name):
+    run = processed(name)
+    assert run.code == 0, run.stderr
+    for suffix in (
+        f"{MNI}_cbf.nii.gz",
+        f"{MNI}_cbf.json",
+        f"{MNI}_desc-brain_mask.nii.gz",
+        f"from-aslref_to-{TEMPLATE}_mode-image_xfm.txt",
+    ):
+        assert (run.perf / f"sub-01_{suffix}").is_file(), suffix
+    assert not [p.name for p in run.perf.iterdir() if "space-T1w" in p.name or "desc-pv" in p.name]
+    assert not (run.out / "sub-01" / "anat").exists()
+    record = run.sidecar()
+    registration = record["Coregistration"]
+    assert TEMPLATE in registration["Method"] and "no T1w" in registration["Method"]
+    assert record["TissueCBF"]["TissueSource"] == f"{TEMPLATE} tissue priors (no T1w)"
+    dice = registration["Dice"]
+    whole, grey, covered = _template_medians(run)
+    native = _median_cbf(run)
+    print(
+        f"\n{name}: ASL to {TEMPLATE} Dice {dice:.3f}; template median CBF {whole:.1f} in "
+        f"the brain mask, {grey:.1f} in GM ({covered:.0%} of the template GM covered); "
+        f"native brain-mask median {native:.1f} mL/100 g/min"
+    )
+    assert dice >= MIN_TEMPLATE_DICE, registration
+    assert "Warning" not in registration, registration
+    if name == SHORT_PLD:  # vessel signal: its median moves with the mask edge, as its range
+        return
+    assert whole == pytest.approx(native, rel=RESAMPLED_MEDIAN_TOLERANCE)
+    assert grey == pytest.approx(native, rel=TEMPLATE_MEDIAN_TOLERANCE)
+
+
+def test_native_outputs_unchanged_by_template_space(processed, tmp_path):
+    """``--output-spaces asl`` (native only) and the default (also the template) write the
+    same files on the run's own grid."""
+    run = processed("siemens_xa30_pcasl2d")
+    assert run.code == 0, run.stderr
+    out = tmp_path / "out"
+    code, _, stderr = run_main(
+        [str(run.bids), str(out), "participant", "-w", str(tmp_path / "work"), "--nprocs", "2",
+         "--output-spaces", "asl"]
+    )  # fmt: skip
+    assert code == 0, stderr
+    native = out / SUBJECT_PERF
+    data = sorted(p.name for p in native.iterdir() if not p.name.endswith(".json"))
+    expected = [
+        p.name
+        for p in sorted(run.perf.iterdir())
+        if not p.name.endswith(".json") and "space-" not in p.name and "_xfm" not in p.name
+    ]
+    assert data == expected
+    for name in data:
+        assert (native / name).read_bytes() == (run.perf / name).read_bytes(), name

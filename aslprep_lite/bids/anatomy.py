@@ -3,9 +3,9 @@
 fMRIPrep builds one anatomical reference per participant from every T1w (a longitudinal
 template when there are several). aslprep_lite takes one T1w as it is: the first in BIDS order
 (sorted path: no session before ``ses-1``, then ``acq-``, ``run-``), which with sessions is the
-earliest session's, and with repeated runs the first run. The others are listed in the sidecars
-(``OtherT1w``) so that the choice is never silent; ``--bids-filter-file`` with a ``t1w`` entry
-picks another one.
+earliest session's, and with repeated runs the first run. The others are listed in the
+``--dry-run`` plan (``anatomy.other_t1w``) so that the choice is never silent;
+``--bids-filter-file`` with a ``t1w`` entry picks another one.
 """
 
 from __future__ import annotations

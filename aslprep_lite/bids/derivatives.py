@@ -202,7 +202,7 @@ def coregistration_transform(target: str) -> Derivative:
     return Derivative(
         f"xfm_{target}", "xfm", extension=".txt", dtype=None,
         entities=(("from", "aslref"), ("to", target), ("mode", "image")),
-        blocks=("coregistration",), when="resampled",
+        blocks=("coregistration",),
     )  # fmt: skip
 
 
@@ -270,11 +270,12 @@ def run_spaces(run: AslRun, spaces: Sequence[Space]) -> list[Space]:
 
 
 def transform_targets(run: AslRun, spaces: Sequence[Space]) -> list[str]:
-    """Where the run's ASL reference is registered to: the T1w, or each template (T1w-free)."""
-    if not run_spaces(run, spaces):
-        return []
+    """Where the run's ASL reference is registered to: the T1w (always, with one: the tissue
+    measures need it), or each template (T1w-free)."""
     if run.t1w_file is not None:
         return [ANATOMICAL]
+    if not run_spaces(run, spaces):
+        return []
     return sorted({s.name for s in run_spaces(run, spaces)})
 
 
@@ -293,7 +294,7 @@ def planned_derivatives(
         for d in native
         if d.key in RESAMPLED_KEYS
     ]
-    transforms = [coregistration_transform(t) for t in transform_targets(run, spaces)]
+    transforms = [coregistration_transform(t) for t in transform_targets(run, spaces) if spaces]
     return native + resampled + transforms
 
 

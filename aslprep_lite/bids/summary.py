@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aslprep_lite.bids.asl_run import AslRun
-from aslprep_lite.bids.derivatives import planned_paths, run_spaces
+from aslprep_lite.bids.derivatives import planned_anatomy_paths, planned_paths, run_spaces
 from aslprep_lite.config import QuantificationOptions
 from aslprep_lite.spaces import Space
 
@@ -62,7 +62,8 @@ def run_summary(
         },
         "labeling_efficiency": run.labeling_efficiency,
         "anatomy": _anatomy(run, spaces),
-        "outputs": planned_paths(run, options, spaces),
+        "outputs": planned_paths(run, options, spaces)
+        + (planned_anatomy_paths(run.subject, spaces) if run.t1w_file else []),
         "warnings": run.warnings + run.quality_warnings,
         "assumed_metadata": run.assumed_metadata,
     }

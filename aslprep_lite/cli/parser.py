@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument(
         "--m0-reference-mask",
         metavar="FILE",
-        help="NIfTI mask of the reference region on the ASL grid, required by "
-        "--m0-calibration csf|wm",
+        help="NIfTI mask of the reference region on the ASL grid for --m0-calibration csf|wm "
+        "(without it, the region comes from the T1w segmentation)",
     )
     proc.add_argument(
         "--att-method",

@@ -331,7 +331,14 @@ class CoregisterAsl(SimpleInterface):
                 'out with --bids-filter-file (e.g. {"t1w": {"acquisition": "none"}})',
                 path=self.inputs.reference_file,
             )
-        if record["Dice"] < anat.COREGISTRATION_DICE:
+        if record["Candidates"]["scanner geometry"] < COREGISTRATION_FAILED_DICE:
+            record["Warning"] = (
+                "the ASL and T1w images do not overlap in scanner coordinates (Dice "
+                f"{record['Candidates']['scanner geometry']} from the headers): they were "
+                "aligned by the centres of the brains; check that the T1w is this "
+                "participant's"
+            )
+        elif record["Dice"] < anat.COREGISTRATION_DICE:
             record["Warning"] = (
                 f"ASL to T1w coregistration may have failed (Dice {record['Dice']} < "
                 f"{anat.COREGISTRATION_DICE}): check the outputs in T1w and template space"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,6 +35,8 @@ from aslprep_lite.images import save_image
 from aslprep_lite.spaces import parse_space
 
 STAGING = ".aslprep_lite-staging"
+#: Entities of raw file names that no derivative name starts with after a run's prefix.
+_RAW_ENTITY = re.compile(r"(ses|task|acq|ce|rec|dir|run|echo|part|trc|inv|mt|flip)-")
 
 
 class _WriteInputSpec(BaseInterfaceInputSpec):
@@ -130,8 +133,15 @@ def stage_and_move(
     target = root / out_dir
     root.mkdir(parents=True, exist_ok=True)
     staging_root = root / STAGING
-    staging_root.mkdir(exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=staging_root))
+    for attempt in range(10):
+        # another writer may remove the (empty) staging root between mkdir and mkdtemp
+        staging_root.mkdir(exist_ok=True)
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=staging_root))
+            break
+        except FileNotFoundError:
+            if attempt == 9:
+                raise
     written = []
     try:
         for derivative, src, sidecar_records in files:
@@ -148,7 +158,9 @@ def stage_and_move(
             written += [name, json_name]
         target.mkdir(parents=True, exist_ok=True)
         for old in target.glob(f"{prefix}_*"):
-            if old.name not in written and old.is_file():
+            # another run of the folder (sub-01 vs sub-01_acq-b) continues with a raw entity
+            other_run = _RAW_ENTITY.match(old.name[len(prefix) + 1 :])
+            if old.name not in written and old.is_file() and not other_run:
                 old.unlink()
         for name in sorted(written):
             os.replace(staging / name, target / name)

@@ -151,6 +151,8 @@ def register_affine(
     so that large rotations do not stop in a wrong optimum. Returns the RAS matrix mapping
     fixed-world to moving-world points.
     """
+    if seed == 0:  # SimpleITK reads 0 as "seed from the clock": never reproducible
+        raise ValueError("seed must not be 0 (SimpleITK's wall-clock seed)")
     fixed_img = _to_sitk(fixed, fixed_affine)
     moving_img = _to_sitk(np.clip(np.nan_to_num(moving), 0, None), moving_affine)
     mask_img = sitk.Cast(

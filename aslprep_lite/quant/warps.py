@@ -140,7 +140,10 @@ class Deformation:
         field.SetDirection(direction)
         field.SetOrigin(origin)
         transform = sitk.CompositeTransform([sitk.DisplacementFieldTransform(field)])
-        sitk.WriteTransform(transform, str(path))
+        written = Path(str(path) + ".itk.h5")
+        sitk.WriteTransform(transform, str(written))
+        _without_time_stamps(written, Path(path))
+        written.unlink()
 
     @classmethod
     def from_itk_file(cls, path: str | Path, shape: Sequence[int], affine: NDArray) -> Deformation:
@@ -159,6 +162,29 @@ class Deformation:
         points = grid_points(shape, affine)
         coords = points + displacement * _FLIP
         return cls(coords.astype(np.float32), np.asarray(affine, float))
+
+
+def _without_time_stamps(source: Path, target: Path) -> None:
+    """Copy an HDF5 file without its object modification times (byte-identical reruns).
+
+    ITK's HDF5 writer stamps every group and dataset with the time it was written; the content
+    (groups and datasets, in ITK's order) is copied unchanged, which ITK reads back the same.
+    """
+    import h5py
+
+    def copy(group_in, group_out) -> None:
+        for key in group_in:
+            item = group_in[key]
+            if isinstance(item, h5py.Group):
+                properties = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+                properties.set_obj_track_times(False)
+                created = h5py.h5g.create(group_out.id, key.encode(), gcpl=properties)
+                copy(item, h5py.Group(created))
+            else:
+                group_out.create_dataset(key, data=item[()], track_times=False)
+
+    with h5py.File(source, "r") as fin, h5py.File(target, "w", libver="earliest") as fout:
+        copy(fin, fout)
 
 
 def _itk_geometry(affine: NDArray) -> tuple[list[float], list[float], list[float]]:

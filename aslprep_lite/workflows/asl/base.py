@@ -129,7 +129,7 @@ def init_asl_wf(
         keys=[d.key for d in planned_derivatives(run, options)],
         sources=run.source_files,
         parameters=options.sidecar_record(
-            multidelay=run.is_multidelay, anatomy=run.t1w_file is not None
+            multidelay=run.is_multidelay, anatomy=run.t1w_file is not None and run.has_deltam
         ),
     )
     workflow.connect([

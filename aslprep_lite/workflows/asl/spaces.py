@@ -40,24 +40,35 @@ def coreg_methods(reference: str, *, own_mask: bool) -> str:
         f"scanner geometry; the Dice coefficient of {mask} and the T1w brain mask on the ASL "
         f"grid measured its quality; a second registration, initialized at the brains' centres of "
         "mass after a coarse search of rotations (±20°), was always run too and the one with "
-        "the higher Dice kept. The "
+        "the higher Dice kept (the first unless the second was better by more than 0.01). The "
         "T1w tissue probability maps were brought to the ASL grid through it, each averaged "
         "over the ASL voxel's extent."
     )
 
 
 def spaces_methods(
-    *, anatomy: bool, templates: Sequence[str], reference: str, pvc: bool, tissue: bool
+    *,
+    anatomy: bool,
+    templates: Sequence[str],
+    reference: str,
+    pvc: bool,
+    tissue: bool,
+    t1w_space: bool = True,
 ) -> str:
     """The methods paragraph of the run's tissue measures, PVC and resampling."""
     if anatomy:
+        targets = (["the T1w"] if t1w_space else []) + list(templates)
         text = (
-            "CBF maps were resampled to the T1w"
-            + (" and to " + ", ".join(templates) if templates else "")
-            + " in one step through the composition of the coregistration"
-            + (" and the normalization" if templates else "")
-            + ", with trilinear interpolation (masks: the interpolated mask above one half). "
-        )
+            (
+                "CBF maps were resampled to " + " and ".join(targets)
+                + " in one step through the composition of the coregistration"
+                + (" and the normalization" if templates else "")
+                + ", with trilinear interpolation (masks: the interpolated mask above one "
+                "half). "
+            )
+            if targets
+            else ""
+        )  # fmt: skip
         tissue_text = "the T1w segmentation on the ASL grid"
     else:
         text = (
@@ -213,6 +224,7 @@ def init_asl_spaces_wf(
         reference=reference_name,
         pvc=pvc and anatomy,
         tissue=tissue,
+        t1w_space=any(not s.is_template for s in spaces),
     )
     deformations = [deformation_field(t) for t in templates] if anatomy else []
     inputnode = pe.Node(
