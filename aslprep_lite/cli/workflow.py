@@ -214,6 +214,10 @@ def prepare_spaces(settings: Settings, runs: Sequence[AslRun]):
                 from_template={name: found.from_template[key] for name, key in asked.items()},
             )
         except AslprepError as err:
+            if not any(run.t1w_file for run in runs if run.subject == subject):
+                # no T1w to fall back on either way: the T1w-free mode, said out loud
+                LOGGER.warning("%s; sub-%s has no T1w: processed without one", err, subject)
+                continue
             failures += [(run.asl_file, str(err)) for run in runs if run.subject == subject]
             continue
         for run in runs:  # the reused anatomy is the participant's anatomical reference

@@ -72,16 +72,19 @@ def load_template(files: dict[str, str]) -> anat.Template:
 # --------------------------------------------------------------------------------------------
 # T1w preprocessing and normalization
 # --------------------------------------------------------------------------------------------
-class _AnatomyOutputSpec(TraitedSpec):
+class _T1wFilesOutputSpec(TraitedSpec):
     t1w_preproc = File(exists=True)
     mask = File(exists=True)
     dseg = File(exists=True)
     gm_probseg = File(exists=True)
     wm_probseg = File(exists=True)
     csf_probseg = File(exists=True)
+    record = traits.Dict(desc="sidecar fields of the anatomy")
+
+
+class _AnatomyOutputSpec(_T1wFilesOutputSpec):
     to_template = File(exists=True, desc="deformation: T1w points -> template points")
     to_t1w = File(exists=True, desc="deformation: template points -> T1w points")
-    record = traits.Dict(desc="sidecar fields of the anatomy")
 
 
 class _PreprocessInputSpec(BaseInterfaceInputSpec):
@@ -179,21 +182,11 @@ class _PrecomputedInputSpec(BaseInterfaceInputSpec):
     source = traits.Str(mandatory=True, desc="the derivatives folder")
 
 
-class _PrecomputedOutputSpec(TraitedSpec):
-    t1w_preproc = File(exists=True)
-    mask = File(exists=True)
-    dseg = File(exists=True)
-    gm_probseg = File(exists=True)
-    wm_probseg = File(exists=True)
-    csf_probseg = File(exists=True)
-    record = traits.Dict()
-
-
 class LoadPrecomputedAnatomy(SimpleInterface):
     """An sMRIPrep/fMRIPrep anatomy's T1w-space files, as :class:`PreprocessT1w` gives them."""
 
     input_spec = _PrecomputedInputSpec
-    output_spec = _PrecomputedOutputSpec
+    output_spec = _T1wFilesOutputSpec
 
     def _run_interface(self, runtime):
         inputs = self.inputs

@@ -28,6 +28,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
+from aslprep_lite.quant.tissue import tissue_arrays
+
 __all__ = [
     "MIN_INFORMATION",
     "MIN_OUTPUT_PV",
@@ -193,15 +195,7 @@ def pvc_linear_regression(
     ValueError
         If the arrays differ in shape or the kernel is not one odd size per axis.
     """
-    cbf = np.asarray(cbf, dtype=np.float64)
-    pgm = np.asarray(pgm, dtype=np.float64)
-    pwm = np.asarray(pwm, dtype=np.float64)
-    inside = np.asarray(mask, dtype=np.float64) > 0  # NaN > 0 is False
-    if not cbf.shape == pgm.shape == pwm.shape == inside.shape:
-        raise ValueError(
-            "cbf, pgm, pwm and mask must have the same shape, got "
-            f"{cbf.shape}, {pgm.shape}, {pwm.shape}, {inside.shape}"
-        )
+    cbf, pgm, pwm, inside = tissue_arrays(cbf, pgm, pwm, mask)
     sizes = _check_kernel(kernel, cbf.ndim)
 
     fit = inside & np.isfinite(cbf) & np.isfinite(pgm) & np.isfinite(pwm)

@@ -27,6 +27,28 @@ _CBF_DECIMALS = 2  # mL/100 g/min: 0.01 is far below the precision of any ASL me
 _RATIO_DECIMALS = 3
 
 
+def tissue_arrays(
+    cbf: ArrayLike, pgm: ArrayLike, pwm: ArrayLike, mask: ArrayLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """CBF, GM and WM probabilities as float64 and the mask as bool, checked to share a shape.
+
+    Raises
+    ------
+    ValueError
+        If the arrays differ in shape.
+    """
+    cbf = np.asarray(cbf, dtype=np.float64)
+    pgm = np.asarray(pgm, dtype=np.float64)
+    pwm = np.asarray(pwm, dtype=np.float64)
+    inside = np.asarray(mask, dtype=np.float64) > 0  # NaN > 0 is False
+    if not cbf.shape == pgm.shape == pwm.shape == inside.shape:
+        raise ValueError(
+            "cbf, pgm, pwm and mask must have the same shape, got "
+            f"{cbf.shape}, {pgm.shape}, {pwm.shape}, {inside.shape}"
+        )
+    return cbf, pgm, pwm, inside
+
+
 def _check_threshold(name: str, value: float) -> float:
     value = float(value)
     if not 0.0 <= value < 1.0:
@@ -72,15 +94,7 @@ def tissue_cbf(
     ValueError
         If the arrays differ in shape or a threshold is outside [0, 1).
     """
-    cbf = np.asarray(cbf, dtype=np.float64)
-    pgm = np.asarray(pgm, dtype=np.float64)
-    pwm = np.asarray(pwm, dtype=np.float64)
-    inside = np.asarray(mask, dtype=np.float64) > 0  # NaN > 0 is False
-    if not cbf.shape == pgm.shape == pwm.shape == inside.shape:
-        raise ValueError(
-            "cbf, pgm, pwm and mask must have the same shape, got "
-            f"{cbf.shape}, {pgm.shape}, {pwm.shape}, {inside.shape}"
-        )
+    cbf, pgm, pwm, inside = tissue_arrays(cbf, pgm, pwm, mask)
     gm_threshold = _check_threshold("gm_threshold", gm_threshold)
     wm_threshold = _check_threshold("wm_threshold", wm_threshold)
 
