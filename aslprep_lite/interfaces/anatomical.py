@@ -23,6 +23,7 @@ from nipype.interfaces.base import (
 
 from aslprep_lite.bids.derivatives import BY_KEY, RESAMPLED_KEYS
 from aslprep_lite.errors import AslprepError
+from aslprep_lite.images import load_image, write_nifti
 from aslprep_lite.quant import anatomy as anat
 from aslprep_lite.quant import pvc as pvc_model
 from aslprep_lite.quant import tissue as tissue_model
@@ -33,14 +34,16 @@ _TISSUE_FILES = ("gm_probseg", "wm_probseg", "csf_probseg")
 
 
 def _load(path: str) -> tuple[np.ndarray, np.ndarray]:
-    img = nb.load(path)
-    return np.asarray(img.dataobj, np.float32), np.asarray(img.affine, float)
+    """float32 data and the affine (the project's reader: one line for damaged files)."""
+    data, img = load_image(path)
+    return data, np.asarray(img.affine, float)
 
 
 def _save(data: np.ndarray, affine: np.ndarray, path: str, dtype=np.float32) -> str:
+    """Write through the project's writer: no gzip time stamp, identical bytes run to run."""
     img = nb.Nifti1Image(np.asarray(data).astype(dtype), affine)
     img.header.set_xyzt_units("mm")
-    img.to_filename(path)
+    write_nifti(img, path)
     return os.path.abspath(path)
 
 

@@ -33,6 +33,8 @@ import SimpleITK as sitk
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from aslprep_lite.images import write_nifti
+
 _FLIP = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS on coordinates
 _SLAB_POINTS = 2_000_000  # points resampled at once
 _SNAP = 1e-6  # voxels: a point this close outside a face is on it
@@ -113,7 +115,7 @@ class Deformation:
         """Write as a 4D NIfTI ``(X, Y, Z, 3)`` of world coordinates (a working file)."""
         image = nb.Nifti1Image(self.coords.astype(np.float32), self.affine)
         image.header.set_intent("vector", (), "")
-        image.to_filename(str(path))
+        write_nifti(image, path)  # no gzip time stamp: identical bytes run to run
 
     @classmethod
     def from_nifti(cls, path: str | Path) -> Deformation:
