@@ -72,10 +72,18 @@ def group_map(paths: Sequence[Path]) -> GroupMap:
             )
         x = data.astype(np.float64)
         finite = np.isfinite(x)
-        count += finite
-        delta = np.where(finite, x - mean, 0.0)
-        mean += np.divide(delta, count, out=np.zeros_like(delta), where=count > 0)
-        m2 += np.where(finite, delta * (x - mean), 0.0)
+        if finite.all():  # the usual case (0 outside the brain): fewer passes over the grid
+            count += 1
+            delta = x - mean
+            mean += delta / count
+            x -= mean
+            delta *= x
+            m2 += delta
+        else:
+            count += finite
+            delta = np.where(finite, x - mean, 0.0)
+            mean += np.divide(delta, count, out=np.zeros_like(delta), where=count > 0)
+            m2 += np.where(finite, delta * (x - mean), 0.0)
     sd = np.sqrt(np.divide(m2, count - 1, out=np.zeros_like(m2), where=count > 1))
     return GroupMap(
         mean=mean,
