@@ -134,7 +134,7 @@ def test_group_maps_leave_the_outlier_out(group):
     sidecar = json.loads((out / f"{GROUP_MEAN}.json").read_text())
     assert sidecar["RunsIncluded"] == 7 and sidecar["ExcludedRuns"] == ["sub-04"]
     assert sidecar["OutliersExcluded"] is True
-    assert sidecar["Sources"][0] == f"sub-01/perf/sub-01_{MAP}"
+    assert sidecar["Sources"][0] == f"bids::sub-01/perf/sub-01_{MAP}"
     assert "sub-04" not in " ".join(sidecar["Sources"])
 
 
@@ -180,6 +180,19 @@ def test_participant_label_selects(group, tmp_path, capsys):
     assert "unreliable" in (copy / "group.html").read_text()
     assert _group(group["bids"], copy, "--participant-label", "77") == 1
     assert "participant label(s) 77 have no ASL series" in capsys.readouterr().err
+
+
+def test_stale_group_maps_removed(group, tmp_path):
+    copy = tmp_path / "out"
+    shutil.copytree(group["out"], copy)
+    for path in copy.glob(f"sub-*/perf/*_{MAP}"):
+        path.unlink()  # no run in a template space any more
+    kept = copy / "figures" / "other.png"
+    kept.write_bytes(b"not ours")
+    assert _group(group["bids"], copy) == 0
+    assert not list(copy.glob("group_space-*")) and not list(copy.glob("figures/group_space-*"))
+    assert kept.is_file()
+    assert "No run has a CBF map in a template space" in (copy / "group.html").read_text()
 
 
 def test_sessions_and_runs(tmp_path):

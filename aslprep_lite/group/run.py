@@ -30,6 +30,7 @@ LOGGER = logging.getLogger("aslprep_lite")
 GROUP_TABLE = "group_desc-qualitycontrol_cbf.tsv"
 GROUP_REPORT = "group.html"
 FIGURES = "figures"
+_STALE_MAPS = "group_space-*_desc-*_cbf.*"
 
 Writer = Callable[[Path], None]
 
@@ -94,7 +95,9 @@ def _plan_maps(
             )
             continue
         result = group_map([m.path for m in used])
-        sources = [m.path.relative_to(output_dir).as_posix() for m in used]
+        # BIDS URIs into this dataset (the derivatives), as the participant sidecars name
+        # their raw sources with bids:raw:
+        sources = [f"bids::{m.path.relative_to(output_dir).as_posix()}" for m in used]
         for desc, data, what in (
             ("mean", result.mean, "Mean"),
             ("sd", result.sd, "Standard deviation (n - 1)"),
@@ -160,6 +163,13 @@ def _commit(output_dir: Path, outputs: dict[str, Writer]) -> None:
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
+    # group maps and figures of an earlier group run that this one did not make (a template
+    # no longer among the runs' spaces) would disagree with the new table
+    written = {output_dir / name for name in outputs}
+    for pattern in (_STALE_MAPS, f"{FIGURES}/group_*.png"):
+        for path in output_dir.glob(pattern):
+            if path not in written:
+                path.unlink(missing_ok=True)
 
 
 def run_group(
