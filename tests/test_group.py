@@ -72,11 +72,26 @@ def group(tmp_path_factory):
     # sub-09 has ASL data but no outputs; its status record names the failed run
     (bids / "sub-09" / "perf").mkdir(parents=True)
     (bids / "sub-09" / "perf" / "sub-09_asl.nii.gz").touch()
-    log = out / "sub-09" / "log"
-    log.mkdir(parents=True)
-    (log / "sub-09_status.json").write_text(
-        json.dumps({"runs": [{"prefix": "sub-09", "status": "failed", "error": "boom here"}]})
+    # the participant level's status record (schema version 1)
+    logs = out / "logs"
+    logs.mkdir()
+    run = {"AslFile": "sub-09/perf/sub-09_asl.nii.gz", "Prefix": "sub-09", "Session": None}
+    (logs / "sub-09_runs.json").write_text(
+        json.dumps(
+            {
+                "Participant": "09",
+                "Report": "sub-09.html",
+                "Runs": [{**run, "Status": "failed", "Error": "boom here"}],
+                "SchemaVersion": 1,
+                "Status": "failed",
+            }
+        )
     )
+    ok = {"AslFile": "sub-01/perf/sub-01_asl.nii.gz", "Prefix": "sub-01", "Session": None}
+    (logs / "sub-01_runs.json").write_text(
+        json.dumps({"Runs": [{**ok, "Status": "ok", "Error": None}], "Status": "ok"})
+    )
+    (logs / "sub-02_runs.json").write_text("{damaged")  # ignored
     assert _group(bids, out) == 0
     return {"bids": bids, "out": out, "root": root}
 
@@ -154,6 +169,7 @@ def test_report_is_offline_and_complete(group):
     assert "sub-01" not in outliers
     failures = html.split("<h2>Failed runs")[1].split("<h2>")[0]
     assert '<a href="sub-09.html">sub-09</a>' in failures and "boom here" in failures
+    assert "sub-01" not in failures and "sub-02" not in failures
 
 
 def test_byte_identical_rerun(group, tmp_path):

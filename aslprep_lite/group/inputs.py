@@ -3,7 +3,8 @@
 The derivatives are indexed by pybids, restricted to the ``perf`` folders (the work of the
 participant level writes thousands of other files there: anatomy, figures, logs), without
 metadata, so 50 runs index in about a second. The raw dataset is only globbed for its ASL
-series, to list the participants that have no outputs.
+series, to list the participants that have no outputs, and the participant level's status
+records (``OUT/logs/sub-<label>_runs.json``) are read for the failed runs and their errors.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class GroupInputs:
     runs: list[QcRun]
     maps: list[TemplateMap]
     bids_participants: list[str]
-    #: participant label -> failed runs ``[(run or file, error line)]``, from the status records
+    #: participant label -> failed runs ``[(prefix, error line)]``, from the status records
     failures: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     @property
@@ -209,57 +210,38 @@ def collect_inputs(
         runs=runs,
         maps=maps,
         bids_participants=selected,
-        failures={label: status_records(output_dir, label) for label in selected},
+        failures={label: status_records(output_dir, label, sessions) for label in selected},
     )
 
 
-def _error_lines(entry: object) -> list[str]:
-    if isinstance(entry, str):
-        return [entry]
-    if isinstance(entry, list):
-        return [str(line) for line in entry]
-    return []
+def status_records(
+    output_dir: Path, label: str, sessions: Sequence[str] = ()
+) -> list[tuple[str, str]]:
+    """Failed runs of a participant, from its status record ``OUT/logs/sub-<label>_runs.json``.
 
+    The participant level writes the record (schema version 1: a ``Runs`` list of objects with
+    ``Prefix``, ``Session``, ``Status`` ``"ok"`` or ``"failed"`` and ``Error``, the run's one
+    line). Read tolerantly: a missing, unreadable or differently shaped record gives nothing
+    (the participant is then still listed as without outputs when it has no QC table).
 
-def status_records(output_dir: Path, label: str) -> list[tuple[str, str]]:
-    """Failed runs of a participant from its status records, ``OUT/sub-<label>/log/*.json``.
-
-    The participant level writes one JSON object per participant there. Read tolerantly
-    (absent, unreadable or of another shape: nothing): a ``runs`` list of objects with
-    ``status`` ``"failed"``, or a ``failed``/``failures`` list of objects or strings; the run
-    is named by ``prefix``, ``run``, ``asl_file`` or ``file``, the error by ``error``,
-    ``errors``, ``message`` or ``messages``.
+    Returns
+    -------
+    list of (str, str)
+        ``(prefix, error line)`` of each failed run, in the record's order; with ``sessions``,
+        only runs of those sessions.
     """
-    found: list[tuple[str, str]] = []
-    for path in sorted((output_dir / f"sub-{label}" / "log").glob("*.json")):
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+    path = output_dir / "logs" / f"sub-{label}_runs.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    runs = record.get("Runs") if isinstance(record, dict) else None
+    found = []
+    for run in runs if isinstance(runs, list) else []:
+        if not isinstance(run, dict) or run.get("Status") != "failed":
             continue
-        if not isinstance(record, dict):
+        if sessions and run.get("Session") not in sessions:
             continue
-        entries = [
-            r
-            for r in record.get("runs", [])
-            if isinstance(r, dict) and str(r.get("status", "")).lower() in ("failed", "error")
-        ]
-        for key in ("failed", "failures"):
-            if isinstance(record.get(key), list):
-                entries += record[key]
-        for entry in entries:
-            if isinstance(entry, str):
-                found.append((f"sub-{label}", entry))
-                continue
-            if not isinstance(entry, dict):
-                continue
-            name = next(
-                (str(entry[k]) for k in ("prefix", "run", "asl_file", "file") if entry.get(k)),
-                f"sub-{label}",
-            )
-            lines = [
-                line
-                for k in ("error", "errors", "message", "messages")
-                for line in _error_lines(entry.get(k))
-            ]
-            found.append((name, "; ".join(lines) or "failed"))
+        name = run.get("Prefix") or run.get("AslFile") or f"sub-{label}"
+        found.append((str(name), str(run.get("Error") or "failed")))
     return found
