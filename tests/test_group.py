@@ -276,3 +276,27 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert len(plan["qc_files"]) == 5 and plan["without_outputs"] == []
     assert _group_outputs(out) == []
+
+
+def test_undefined_metrics(tmp_path):
+    # motion not estimated anywhere (mean_fd n/a), QEI undefined for one run
+    overrides = {i: {"mean_fd": None, "max_fd": None, "mean_rmsd": None} for i in range(6)}
+    overrides[2]["qei"] = None
+    bids, out = _dataset(tmp_path, n=6, template_maps=False, overrides=overrides)
+    assert _group(bids, out) == 0
+    rows = _read_tsv(out / "group_desc-qualitycontrol_cbf.tsv")
+    assert {(r["mean_fd"], r["mean_fd_z"], r["mean_fd_outlier"]) for r in rows} == {
+        ("n/a", "n/a", "n/a")
+    }
+    assert (rows[2]["qei"], rows[2]["qei_z"], rows[2]["qei_outlier"]) == ("n/a", "n/a", "n/a")
+    assert all(r["qei_z"] != "n/a" for i, r in enumerate(rows) if i != 2)
+    assert all(r["outlier"] == "0" for r in rows)
+    sidecar = json.loads((out / "group_desc-qualitycontrol_cbf.json").read_text())
+    metrics = sidecar["OutlierDetection"]["Metrics"]
+    assert metrics["mean_fd"] == {
+        "Median": None,
+        "Scale": None,
+        "ScaleEstimator": "none",
+        "RunsWithValue": 0,
+    }
+    assert metrics["qei"]["RunsWithValue"] == 5
