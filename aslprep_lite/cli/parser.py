@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "analysis_level",
         choices=["participant", "group"],
-        help="'participant' processes each participant; 'group' has nothing to do yet",
+        help="'participant' processes each participant; 'group' (after it) flags outlier "
+        "runs from their QC tables, averages the template-space CBF maps and writes "
+        "group.html",
     )
     parser.add_argument("--version", action="version", version=f"aslprep-lite {__version__}")
 

@@ -124,6 +124,18 @@ def _main(options) -> int:
 
     settings = build_settings(options)
     execution, quantification = settings.execution, settings.quantification
+    if execution.analysis_level == "group":
+        # the group level reads the participant level's outputs only: no templates, no
+        # validation of the raw runs
+        from aslprep_lite.group import run_group
+
+        return run_group(
+            execution.bids_dir,
+            settings.outputs.output_dir,
+            participant_label=execution.participant_label,
+            session_label=execution.session_label,
+            dry_run=execution.dry_run,
+        )
     # every template file the output spaces need, before any processing (offline)
     check_templates(settings.outputs.output_spaces)
     start = time.monotonic()
@@ -150,10 +162,6 @@ def _main(options) -> int:
         except BrokenPipeError:  # e.g. piped into `head`: the reader has what it wanted
             sys.stderr.close()
         return 1 if failures else 0
-    if execution.analysis_level == "group":
-        LOGGER.info("the group level has nothing to do in this version")
-        return 0
-
     check_writable(settings.outputs.output_dir)
     check_writable(execution.work_dir)
     write_dataset_description(execution.bids_dir, settings.outputs.output_dir)
