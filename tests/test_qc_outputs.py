@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 from aslprep_lite.interfaces.cbf import ComputeCBF
-from aslprep_lite.interfaces.qc import OUTLIER_COLUMN, outlier_index
+from aslprep_lite.interfaces.qc import OUTLIER_COLUMN, ScoreConfounds, outlier_index
 from aslprep_lite.quant.deltam import timeseries_sources
 from aslprep_lite.quant.qc import COLUMNS, read_qc_tsv
 from aslprep_lite.quant.robust import pair_average
+from aslprep_lite.quant.tissue import tissue_classes
 from aslprep_lite.synthetic import SyntheticSpec, write_dataset
 from aslprep_lite.synthetic_anatomy import AnatomySpec
 
@@ -254,3 +255,32 @@ def test_pair_average_mean_is_unchanged_and_huber_differs(tmp_path):
         outputs[average] = Path(result.outputs.mean_file).read_bytes()
     assert outputs[None] == outputs["mean"]
     assert outputs["huber"] != outputs["mean"]
+
+
+def test_tissue_classes_without_csf():
+    gm = np.array([0.6, 0.2, 0.0, 0.7]).reshape(1, 1, 4)
+    wm = np.array([0.3, 0.3, 0.0, 0.5]).reshape(1, 1, 4)
+    _, _, csf = tissue_classes(np.stack([gm, wm], axis=-1))
+    # CSF is what GM and WM leave, clipped at 0 where they overlap past 1
+    np.testing.assert_allclose(csf.ravel(), [0.1, 0.5, 1.0, 0.0])
+    with pytest.raises(ValueError, match="2 or 3"):
+        tissue_classes(gm[..., np.newaxis])
+
+
+def test_score_column_refuses_a_table_of_another_length(tmp_path):
+    table = tmp_path / "confounds.tsv"
+    table.write_text("trans_x\n0.0\n0.1\n")
+    node = ScoreConfounds(
+        confounds_file=str(table), confounds_metadata={"trans_x": {}}, outliers=[0, 1, 0]
+    )
+    with pytest.raises(ValueError, match="2 rows for 3 volumes"):
+        node.run(cwd=str(tmp_path))
+    node.inputs.outliers = [0, 1]
+    result = node.run(cwd=str(tmp_path))
+    assert Path(result.outputs.out_file).read_text() == (
+        f"trans_x\t{OUTLIER_COLUMN}\n0.0\t0\n0.1\t1\n"
+    )
+    assert result.outputs.metadata[OUTLIER_COLUMN]["Levels"] == {
+        "0": "kept",
+        "1": "removed by SCORE",
+    }
