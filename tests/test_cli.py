@@ -94,8 +94,15 @@ OUTPUTS = (
     "desc-brain_mask.nii.gz",
     "desc-confounds_timeseries.tsv",
     "desc-confounds_timeseries.json",
+    "desc-qualitycontrol_cbf.tsv",
+    "desc-qualitycontrol_cbf.json",
 )
-SINGLE_DELAY_OUTPUTS = ("desc-timeseries_cbf.nii.gz", "desc-timeseries_cbf.json")
+SINGLE_DELAY_OUTPUTS = (
+    "desc-timeseries_cbf.nii.gz",
+    "desc-timeseries_cbf.json",
+    "desc-score_cbf.nii.gz",
+    "desc-scrub_cbf.nii.gz",
+)
 MULTI_DELAY_OUTPUTS = (
     "att.nii.gz",
     "att.json",
@@ -285,7 +292,7 @@ def test_confounds_table(processed):
     lines = table.read_text().splitlines()
     assert lines[0].split("\t") == [
         "trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z",
-        "framewise_displacement", "rmsd",
+        "framewise_displacement", "rmsd", "score_outlier_index",  # the last: single-delay runs
     ]  # fmt: skip
     assert len(lines) == 1 + 16
     values = np.array([[float(v) for v in row.split("\t")[:6]] for row in lines[1:]])
@@ -295,7 +302,7 @@ def test_confounds_table(processed):
     est_t = values[:, :3] - values[:, :3].mean(axis=0)
     assert np.abs(true_t - est_t).max() < 0.35
     skipped = _outputs(processed, "deltam") / "sub-deltam_desc-confounds_timeseries.tsv"
-    assert set(skipped.read_text().splitlines()[1].split("\t")) == {"n/a"}
+    assert set(skipped.read_text().splitlines()[1].split("\t")[:8]) == {"n/a"}
     note = json.loads(skipped.with_suffix(".json").read_text())["HeadMotionCorrection"]
     assert "skipped" in note
 

@@ -430,14 +430,16 @@ def test_pvc_acts_only_with_anatomy() -> None:
     assert not options.applies("pvc", multidelay=False)  # existing callers: no anatomy
     assert options.applies("pvc", multidelay=True, anatomy=True)
     assert options.applies("m0_scale", multidelay=False, anatomy=True)
-    # Runs without anatomy record what they did before.
+    # Runs without anatomy record no PVC (single-delay runs: how the pairs were averaged).
     assert list(options.sidecar_record(multidelay=False)) == [
         "M0Scale",
         "M0SmoothingFWHM",
         "DummyScans",
         "M0Calibration",
         "RandomSeed",
+        "PairAverage",
     ]
+    assert "PairAverage" not in options.sidecar_record(multidelay=True)
     assert options.sidecar_record(multidelay=False, anatomy=True)["PartialVolumeCorrection"]
     off = QuantificationOptions(pvc=False)
     assert off.sidecar_record(multidelay=True, anatomy=True)["PartialVolumeCorrection"] is False

@@ -77,6 +77,11 @@ def test_graph_builds_for_every_branch(runs, subject, calibration, tmp_path):
     # one quantification node, the one for the number of delays
     assert ("cbf_wf.kinetic_fit" in nodes) == run.is_multidelay
     assert ("cbf_wf.cbf" in nodes) == (not run.is_multidelay)
+    # quality control for every run; SCORE/SCRUB for single-delay runs only; without a T1w
+    # or a template space, the QC registers the template's priors itself
+    assert "qc_wf.qc" in nodes
+    assert ("qc_wf.score_scrub" in nodes) == (not run.is_multidelay)
+    assert "qc_wf.align_priors" in nodes
     # the writer writes exactly the planned derivatives
     write = workflow.get_node("outputs_wf.write_derivatives")
     assert write.inputs.keys == [d.key for d in planned_derivatives(run, options)]
@@ -102,12 +107,15 @@ def test_options_reach_only_the_nodes_that_use_them(runs):
         "DummyScans": 0,
         "M0Calibration": "voxel",
         "RandomSeed": 20240,
+        "PairAverage": "mean",
     }
     assert single.get_node("m0_wf.prepare_m0").inputs.fwhm == 3.0
     multi, _ = _build(runs["multi"], att_prior="none")
     assert multi.get_node("cbf_wf.kinetic_fit").inputs.att_prior == "none"
     parameters = multi.get_node("outputs_wf.write_derivatives").inputs.parameters
     assert parameters["ATTPrior"] == "none" and parameters["ATTMethod"] == "fit"
+    # the per-pair average acts on single-delay runs only
+    assert "PairAverage" not in parameters
 
 
 def test_output_spec_names():

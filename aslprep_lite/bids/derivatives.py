@@ -43,6 +43,8 @@ SIDECAR_BLOCKS = (
     "coregistration",  # the ASL -> T1w (or template) registration's record (merged)
     "space",  # the space's record: template, its source, the transforms used (merged)
     "anatomy",  # the T1w preprocessing record (merged)
+    "qc",  # the quality-control table's columns, tissue source and SCORE record (merged)
+    "score",  # the SCORE/SCRUB record (merged, under "SCORE")
 )
 
 
@@ -115,6 +117,23 @@ ASL_DERIVATIVES: tuple[Derivative, ...] = (
         "cbf_timeseries", "cbf", desc="timeseries", units=_CBF_UNITS,
         description="Cerebral blood flow of each ΔM volume",
         blocks=("quantification", "m0-nested"), when="single-delay",
+    ),
+    Derivative(
+        "qc", "cbf", desc="qualitycontrol", extension=".tsv", dtype=None, blocks=("qc",),
+    ),
+    Derivative(
+        "cbf_score", "cbf", desc="score", units=_CBF_UNITS,
+        description="Mean CBF of the volumes of desc-timeseries_cbf that SCORE kept "
+        "(structural correlation based outlier rejection, Dolui et al. 2017); the volumes "
+        "removed are listed under SCORE and flagged in the confounds' score_outlier_index",
+        blocks=("score",), when="single-delay",
+    ),
+    Derivative(
+        "cbf_scrub", "cbf", desc="scrub", units=_CBF_UNITS,
+        description="CBF of the volumes SCORE kept by SCRUB's robust Bayesian estimate "
+        "(Dolui et al. 2016): a voxel whose temporal variance exceeds white noise leans on a "
+        "structural prior",
+        blocks=("score",), when="single-delay",
     ),
     Derivative(
         "att", "att", units="s", description="Arterial transit time", blocks=("map",),
@@ -362,6 +381,6 @@ def compose_sidecar(
             sidecar["Type"] = m0["ReferenceRegion"]["Tissue"].upper()
         elif block == "space":  # nested: the template's own Description must not win
             sidecar["SpatialReference"] = records.get("space", {})
-        elif block in ("pvc", "coregistration", "anatomy"):
+        elif block in ("pvc", "coregistration", "anatomy", "qc", "score"):
             sidecar.update(records.get(block, {}))
     return {**sidecar, **provenance}

@@ -22,11 +22,15 @@ from aslprep_lite.quant.cbf import (
     slice_delays,
 )
 from aslprep_lite.quant.deltam import plan_subtraction, subtract
+from aslprep_lite.quant.robust import PAIR_AVERAGE_METHODS, average_record, pair_average
 
 
 class _DeltaMInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="motion-corrected ASL series")
     context = traits.List(traits.Str, mandatory=True, desc="volume type of each volume")
+    average = traits.Enum(
+        *PAIR_AVERAGE_METHODS, usedefault=True, desc="how the mean ΔM averages the volumes"
+    )
 
 
 class _DeltaMOutputSpec(TraitedSpec):
@@ -49,7 +53,9 @@ class ComputeDeltaM(SimpleInterface):
                 deltam, img, os.path.join(runtime.cwd, "deltam.nii")
             )
             self._results["mean_file"] = save_image(
-                deltam.mean(axis=3), img, os.path.join(runtime.cwd, "deltam_mean.nii")
+                pair_average(deltam, self.inputs.average, axis=3),
+                img,
+                os.path.join(runtime.cwd, "deltam_mean.nii"),
             )
         return runtime
 
@@ -74,6 +80,9 @@ class _CBFInputSpec(BaseInterfaceInputSpec):
     )
     metadata = traits.Dict(
         usedefault=True, desc="fixed sidecar fields: model and timing as acquired"
+    )
+    average = traits.Enum(
+        *PAIR_AVERAGE_METHODS, usedefault=True, desc="how the CBF volumes are averaged"
     )
 
 
@@ -138,8 +147,9 @@ class ComputeCBF(SimpleInterface):
         timeseries = np.concatenate([vol for _, vol in volumes], axis=3)[..., order]
         # Outside the brain there is no perfusion to report.
         timeseries = finite_or_zero(np.where(mask[..., np.newaxis], timeseries, 0.0))
-        mean = timeseries.mean(axis=3)
+        mean = pair_average(timeseries, inputs.average, axis=3)
         meta["NumberOfVolumesAveraged"] = int(timeseries.shape[3])
+        meta["PairAverage"] = average_record(inputs.average)
         meta["QualityWarnings"] = [
             *meta.get("QualityWarnings", []),
             *plausibility_warnings(mean, mask),

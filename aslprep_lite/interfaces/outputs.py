@@ -56,6 +56,8 @@ class _WriteInputSpec(BaseInterfaceInputSpec):
     resampled = traits.List(traits.Dict, desc="maps in other spaces (ResampleToSpaces)")
     xfm_targets = traits.List(traits.Str, desc="what the ASL reference was registered to")
     xfm_files = traits.List(File(exists=True), desc="the ITK transforms, in that order")
+    qc_metadata = traits.Dict(desc="the quality-control table's sidecar")
+    score_metadata = traits.Dict(desc="the SCORE/SCRUB maps' sidecar fields")
 
 
 for _derivative in ASL_DERIVATIVES:  # one file input per derivative of the output spec
@@ -92,6 +94,8 @@ class WriteDerivatives(SimpleInterface):
             "quantification": {**inputs.cbf_metadata, **optional("tissue_metadata")},
             "pvc": optional("pvc_metadata"),
             "coregistration": optional("coregistration_metadata"),
+            "qc": optional("qc_metadata"),
+            "score": optional("score_metadata"),
             "m0": inputs.m0_metadata,
             "confounds": inputs.confounds_metadata,
             "maps": inputs.maps_metadata if isdefined(inputs.maps_metadata) else {},

@@ -125,3 +125,26 @@ def subtract(series: NDArray, plan: Subtraction) -> NDArray[np.float32]:
     out[..., paired] = series[..., control[paired]] - series[..., label[paired]]
     out[..., ~paired] = series[..., control[~paired]]
     return out
+
+
+def timeseries_sources(context: Sequence[str]) -> list[tuple[int, ...]]:
+    """The source volumes of each volume of the CBF time series, in its order.
+
+    The CBF series holds one volume per ΔM volume of :func:`plan_subtraction` (a pair: its
+    control and label; a ``deltam`` volume: itself) and one per ``cbf`` volume, ordered by the
+    index of the control (or of the volume itself), as
+    :class:`aslprep_lite.interfaces.cbf.ComputeCBF` orders them.
+
+    Returns
+    -------
+    list of tuple of int
+        For each CBF volume, the 0-based indices of the series volumes it was made from.
+    """
+    plan = plan_subtraction(context)
+    entries = [
+        (control, (control, label) if label >= 0 else (control,))
+        for control, label in zip(plan.control, plan.label, strict=True)
+    ]
+    entries += [(i, (i,)) for i, kind in enumerate(context) if kind == "cbf"]
+    # a stable sort on the first index, as ComputeCBF's argsort(kind="stable")
+    return [sources for _, sources in sorted(entries, key=lambda entry: entry[0])]

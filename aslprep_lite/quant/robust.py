@@ -54,7 +54,18 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["HUBER_K", "MAD_TO_SD", "ROBUST_REFERENCE", "huber_mean"]
+__all__ = [
+    "HUBER_K",
+    "MAD_TO_SD",
+    "PAIR_AVERAGE_METHODS",
+    "ROBUST_REFERENCE",
+    "average_record",
+    "huber_mean",
+    "pair_average",
+]
+
+#: How the per-pair volumes of a single-delay run can be averaged (``--pair-average``).
+PAIR_AVERAGE_METHODS = ("mean", "huber")
 
 #: Huber's tuning constant: 95 % asymptotic efficiency relative to the mean for Gaussian data.
 HUBER_K = 1.345
@@ -212,3 +223,48 @@ def _exact_step(
         & np.all(new_below == below, axis=-1)
     )
     return np.where(consistent, candidate, mu)
+
+
+def pair_average(values: ArrayLike, method: str, axis: int = -1) -> NDArray:
+    """Average of the per-pair volumes along ``axis``: the mean or :func:`huber_mean`.
+
+    Parameters
+    ----------
+    values
+        E.g. (X, Y, Z, N) per-pair ΔM or CBF volumes.
+    method
+        ``mean`` (``numpy.mean``, the dtype of ``values`` kept as before this option existed)
+        or ``huber`` (:func:`huber_mean` with its defaults, cast to the dtype of ``values``).
+
+    Returns
+    -------
+    numpy.ndarray
+        The average, ``values``' shape without ``axis``.
+
+    Notes
+    -----
+    The consensus CBF of one delay is linear in ΔM with a factor that is the same for every
+    volume of a voxel, and the Huber estimate (with its MAD scale) is equivariant under such
+    scaling, so the Huber average of per-pair CBF volumes is the CBF of the Huber average of
+    the ΔM pairs.
+    """
+    values = np.asarray(values)
+    if method == "mean":
+        return values.mean(axis=axis)
+    if method == "huber":
+        return huber_mean(values, axis=axis).astype(values.dtype, copy=False)
+    raise ValueError(f"pair average must be one of {PAIR_AVERAGE_METHODS}, got {method!r}")
+
+
+def average_record(method: str) -> dict[str, object]:
+    """The CBF sidecar's ``PairAverage`` block: how the per-pair volumes were averaged."""
+    if method == "mean":
+        return {"Method": "mean"}
+    if method == "huber":
+        return {
+            "Method": "Huber M-estimate of location per voxel",
+            "TuningConstant": HUBER_K,
+            "Scale": f"{MAD_TO_SD} x median absolute deviation of the voxel's values, fixed",
+            "Reference": ROBUST_REFERENCE,
+        }
+    raise ValueError(f"pair average must be one of {PAIR_AVERAGE_METHODS}, got {method!r}")

@@ -33,6 +33,8 @@ from numpy.typing import ArrayLike, NDArray
 from scipy.special import chdtri
 
 __all__ = [
+    "DEFAULT_MAD_FACTOR",
+    "DEFAULT_THRESH",
     "FLAG_GM_OUTLIER",
     "FLAG_KEPT",
     "FLAG_STRUCTURAL",
@@ -68,6 +70,12 @@ FLAG_STRUCTURAL = 2  # second pass: structural correlation
 #: a median absolute deviation of one or two values cannot single out an outlier, and the
 #: author's loop never leaves fewer than two volumes, so with two it can remove nothing.
 MIN_VOLUMES = 3
+
+#: Default tissue-probability threshold (strict) of the GM, WM and CSF masks (the author's
+#: code has 0.95, ASLPrep 0.7; see :func:`score`).
+DEFAULT_THRESH = 0.90
+#: Robust standard deviations beyond which a volume's mean GM CBF is an outlier.
+DEFAULT_MAD_FACTOR = 2.5
 
 # Robust SD from the median absolute deviation, MAD / 0.675, the constant of the author's code
 # (the Gaussian consistency constant is 0.6745; the difference is 0.07 %).
@@ -200,8 +208,8 @@ def score(
     csf: ArrayLike,
     mask: ArrayLike,
     *,
-    thresh: float = 0.90,
-    mad_factor: float = 2.5,
+    thresh: float = DEFAULT_THRESH,
+    mad_factor: float = DEFAULT_MAD_FACTOR,
 ) -> ScoreResult:
     """Structural Correlation based Outlier REjection (Dolui et al. 2017).
 
@@ -390,8 +398,8 @@ def scrub(
     mask: ArrayLike,
     *,
     wfun: str = "huber",
-    thresh: float = 0.90,
-    mad_factor: float = 2.5,
+    thresh: float = DEFAULT_THRESH,
+    mad_factor: float = DEFAULT_MAD_FACTOR,
     score_result: ScoreResult | None = None,
     max_iter: int = _MAX_ITER,
 ) -> NDArray[np.float32]:

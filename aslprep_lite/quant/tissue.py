@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["GM_THRESHOLD", "WM_THRESHOLD", "tissue_cbf"]
+__all__ = ["GM_THRESHOLD", "WM_THRESHOLD", "tissue_cbf", "tissue_classes"]
 
 #: GM voxels: GM probability > 0.7, the GM mask of ExploreASL (``pGM>0.7``) and ASLPrep's
 #: tissue-mean threshold (0.7). GM is a thin ribbon, so at ASL resolution few voxels are purer;
@@ -137,3 +137,23 @@ def tissue_cbf(
     if notes:
         record["TissueCBFNote"] = "; ".join(notes)
     return record
+
+
+def tissue_classes(tissue: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GM, WM and CSF fractions from an (X, Y, Z, K) stack of K = 2 or 3 tissue maps.
+
+    Template priors may lack a CSF map (the embedded MNI152NLin2009aSym has GM and WM only):
+    CSF is then what the two leave, ``clip(1 - GM - WM, 0, 1)``, as the template's own CSF
+    prior is made from its brain mask (:func:`aslprep_lite.quant.anatomy.make_template`).
+
+    Raises
+    ------
+    ValueError
+        If the stack is not 4D with 2 or 3 maps.
+    """
+    tissue = np.asarray(tissue, dtype=np.float64)
+    if tissue.ndim != 4 or tissue.shape[-1] not in (2, 3):
+        raise ValueError(f"expected (X, Y, Z, 2 or 3) tissue maps, got {tissue.shape}")
+    gm, wm = tissue[..., 0], tissue[..., 1]
+    csf = tissue[..., 2] if tissue.shape[-1] == 3 else np.clip(1.0 - gm - wm, 0.0, 1.0)
+    return gm, wm, csf

@@ -104,7 +104,8 @@ def init_single_subject_wf(
         if anat_wf is not None:
             fields = ANAT_FIELDS + [deformation_field(t) for t in sorted(templates)]
             workflow.connect([
-                (anat_wf, asl_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields]),
+                (anat_wf, asl_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields]
+                 + [("outputnode.record", "inputnode.anat_record")]),
             ])  # fmt: skip
     return workflow
 

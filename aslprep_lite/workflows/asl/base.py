@@ -20,10 +20,13 @@ from aslprep_lite.workflows.asl.cbf import FIT_MAPS, init_cbf_wf
 from aslprep_lite.workflows.asl.confounds import init_confounds_wf
 from aslprep_lite.workflows.asl.fit import init_hmc_wf, init_m0_wf
 from aslprep_lite.workflows.asl.outputs import init_outputs_wf
+from aslprep_lite.workflows.asl.qc import init_qc_wf, prior_template_source
 from aslprep_lite.workflows.asl.spaces import ANAT_INPUTS, init_asl_spaces_wf, init_coreg_wf
 
 #: The stages of a run, in processing order (the methods text follows it).
-STAGES = ("hmc_wf", "coreg_wf", "m0_wf", "cbf_wf", "confounds_wf", "spaces_wf", "outputs_wf")
+STAGES = (
+    "hmc_wf", "coreg_wf", "m0_wf", "cbf_wf", "confounds_wf", "spaces_wf", "qc_wf", "outputs_wf",
+)  # fmt: skip
 
 
 def run_workflow_name(run: AslRun) -> str:
@@ -162,14 +165,15 @@ def init_asl_wf(
             ("outputnode.m0_metadata", "inputnode.m0_metadata"),
             ("outputnode.reference_mask", "inputnode.m0_reference_mask"),
         ]),
-        (confounds_wf, outputs_wf, [
-            ("outputnode.confounds_file", "inputnode.confounds"),
-            ("outputnode.confounds_metadata", "inputnode.confounds_metadata"),
-        ]),
     ])  # fmt: skip
+    stages = {
+        "hmc": hmc_wf, "m0": m0_wf, "cbf": cbf_wf, "confounds": confounds_wf,
+        "outputs": outputs_wf,
+    }  # fmt: skip
     targets = run_spaces(run, spaces)
+    routes: dict = {}
     if run.t1w_file is not None or targets:
-        _connect_spaces(
+        routes = _connect_spaces(
             workflow,
             run,
             options,
@@ -177,14 +181,83 @@ def init_asl_wf(
             template_files or {},
             space_records or {},
             t1w_grid,
-            stages={"hmc": hmc_wf, "m0": m0_wf, "cbf": cbf_wf, "outputs": outputs_wf},
+            stages=stages,
         )
+    _connect_qc(workflow, run, options, routes, stages)
     return workflow
 
 
+def _connect_qc(workflow, run: AslRun, options: QuantificationOptions, routes: dict,
+                stages: dict) -> None:  # fmt: skip
+    """Add the quality-control stage: the QC table, SCORE/SCRUB, the confounds it extends.
+
+    Tissue comes from where the tissue means come from (``routes``: the T1w segmentation, or
+    the priors of a template output space); with neither, the stage registers the embedded
+    template's priors to the ASL grid itself.
+    """
+    from aslprep_lite.spaces import anatomy_template_files
+    from aslprep_lite.templates import EMBEDDED_TEMPLATE
+
+    tissue = routes.get("tissue")
+    own_priors = tissue is None
+    name = reference_name(run)
+    qc_wf = init_qc_wf(
+        context=run.context,
+        multidelay=run.is_multidelay,
+        tissue_source=prior_template_source(EMBEDDED_TEMPLATE) if own_priors else routes["source"],
+        prior_template=EMBEDDED_TEMPLATE if own_priors else None,
+        prior_files=(
+            {k: str(v) for k, v in anatomy_template_files().items()} if own_priors else None
+        ),
+        reference_name=name,
+        seed=options.seed,
+    )
+    cbf_wf, m0_wf, outputs_wf = stages["cbf"], stages["m0"], stages["outputs"]
+    maps = ["att", "fit_failed"] if run.is_multidelay else ["cbf_timeseries"]
+    workflow.connect([
+        (cbf_wf, qc_wf, [("outputnode.cbf", "inputnode.cbf")]
+         + [(f"outputnode.{k}", f"inputnode.{k}") for k in maps]),
+        (m0_wf, qc_wf, [("outputnode.mask_file", "inputnode.mask")]),
+        (stages["confounds"], qc_wf, [
+            ("outputnode.confounds_file", "inputnode.confounds_file"),
+            ("outputnode.confounds_metadata", "inputnode.confounds_metadata"),
+        ]),
+        (qc_wf, outputs_wf, [
+            ("outputnode.qc_file", "inputnode.qc"),
+            ("outputnode.qc_metadata", "inputnode.qc_metadata"),
+            ("outputnode.confounds_file", "inputnode.confounds"),
+            ("outputnode.confounds_metadata", "inputnode.confounds_metadata"),
+        ] + ([] if run.is_multidelay else [
+            ("outputnode.cbf_score", "inputnode.cbf_score"),
+            ("outputnode.cbf_scrub", "inputnode.cbf_scrub"),
+            ("outputnode.score_metadata", "inputnode.score_metadata"),
+        ])),
+    ])  # fmt: skip
+    if own_priors:
+        reference = (
+            (m0_wf, "outputnode.m0_file")
+            if name == "M0"
+            else (stages["hmc"], "outputnode.reference")
+        )
+        workflow.connect([(reference[0], qc_wf, [(reference[1], "inputnode.reference")])])
+    else:
+        workflow.connect([
+            (tissue[0], qc_wf, [(tissue[1], "inputnode.tissue_file")]),
+            (routes["spaces"], qc_wf, [("outputnode.coregistration_metadata",
+                                        "inputnode.coregistration_metadata")]),
+        ])  # fmt: skip
+    if routes.get("anatomy") is not None:
+        workflow.connect([(routes["anatomy"], qc_wf, [("anat_record", "inputnode.anat_record")])])
+
+
 def _connect_spaces(workflow, run, options, targets, template_files, space_records, t1w_grid,
-                    stages) -> None:  # fmt: skip
-    """Add the coregistration and spaces stages to a run's workflow."""
+                    stages) -> dict:  # fmt: skip
+    """Add the coregistration and spaces stages to a run's workflow.
+
+    Returns where the quality control finds its tissue maps and records: ``tissue`` (node,
+    field) and ``source``, or no ``tissue`` when there are none; ``spaces`` (the stage with
+    the coregistration record); ``anatomy`` (the node with the T1w record), with a T1w.
+    """
     anatomy = run.t1w_file is not None
     templates = sorted({s.name for s in targets if s.is_template})
     # reference-region calibration from the segmentation: the M0 step waits for the tissue
@@ -228,10 +301,22 @@ def _connect_spaces(workflow, run, options, targets, template_files, space_recor
         ]),
     ])  # fmt: skip
     if not anatomy:
-        return
+        # the tissue means' priors: those of the first template space that has GM and WM maps
+        prior = next(
+            (s for s in targets if s.is_template
+             and all(r in template_files[s.label] for r in ("GM", "WM"))),
+            None,
+        )  # fmt: skip
+        if prior is None:
+            return {"spaces": spaces_wf}
+        return {
+            "tissue": (spaces_wf, "outputnode.tissue_file"),
+            "source": f"{prior.name} tissue priors (no T1w)",
+            "spaces": spaces_wf,
+        }
     coreg_wf = init_coreg_wf(reference_name=name, own_mask=from_segmentation, seed=options.seed)
     fields = ANAT_FIELDS + [deformation_field(t) for t in templates]
-    inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
+    inputnode = pe.Node(IdentityInterface(fields=[*fields, "anat_record"]), name="inputnode")
     renamed = dict(zip(ANAT_FIELDS, ANAT_INPUTS, strict=True))
     workflow.connect([
         (reference[0], coreg_wf, [(reference[1], "inputnode.reference")]),
@@ -253,3 +338,9 @@ def _connect_spaces(workflow, run, options, targets, template_files, space_recor
         ])  # fmt: skip
     else:
         workflow.connect([(m0_wf, coreg_wf, [("outputnode.mask_file", "inputnode.asl_mask")])])
+    return {
+        "tissue": (coreg_wf, "outputnode.tissue_file"),
+        "source": "T1w segmentation",
+        "spaces": spaces_wf,
+        "anatomy": inputnode,
+    }

@@ -15,6 +15,7 @@ from aslprep_lite.interfaces.cbf import ComputeCBF, ComputeDeltaM
 from aslprep_lite.interfaces.kinetic import FitKineticModel
 from aslprep_lite.quant import constants
 from aslprep_lite.quant.kinetic import ATT_PRIOR_FWHM
+from aslprep_lite.quant.robust import HUBER_K, MAD_TO_SD
 
 #: The maps of a multi-delay fit: the derivatives whose sidecars carry the fit's "map" block.
 FIT_MAPS = [d.key for d in ASL_DERIVATIVES if "map" in d.blocks]
@@ -124,6 +125,8 @@ def init_cbf_wf(run: AslRun, options: QuantificationOptions, *, mem_gb: float, n
     )
     outputnode = pe.Node(IdentityInterface(fields=OUTPUTS), name="outputnode")
     deltam = pe.Node(ComputeDeltaM(context=run.context), name="deltam", mem_gb=mem_gb)
+    if options.applies("pair_average", multidelay=run.is_multidelay):
+        deltam.inputs.average = options.pair_average
     workflow.connect([
         (inputnode, deltam, [("asl_file", "in_file")]),
         (deltam, outputnode, [("mean_file", "mean_deltam")]),
@@ -147,7 +150,11 @@ def _connect_consensus(
     elif run.has_deltam:
         metadata["PostLabelingDelay"] = run.labeled_value("post_labeling_delay")
         metadata["LabelingDuration"] = run.labeled_value("labeling_duration")
-    cbf = pe.Node(ComputeCBF(**timing, metadata=metadata), name="cbf", mem_gb=mem_gb)
+    cbf = pe.Node(
+        ComputeCBF(**timing, metadata=metadata, average=options.pair_average),
+        name="cbf",
+        mem_gb=mem_gb,
+    )
     inputnode, outputnode = workflow.get_node("inputnode"), workflow.get_node("outputnode")
     workflow.connect([
         (inputnode, cbf, [
@@ -210,9 +217,14 @@ def cbf_methods(run: AslRun, options: QuantificationOptions, quantification: dic
     )
     slices = _SLICE_TIMING if run.slice_timing else ""
     if not run.has_deltam:
+        average = (
+            f" by the Huber M-estimate of location (Huber 1964; k = {HUBER_K})"
+            if options.pair_average == "huber"
+            else ""
+        )
         return (
             "The series held CBF volumes computed on the scanner; they were passed through "
-            "and averaged, without calibration."
+            f"and averaged{average}, without calibration."
         )
     if run.is_multidelay:
         return _multidelay_methods(run, options) + f" Constants: {constants_text}." + slices
@@ -229,7 +241,19 @@ def cbf_methods(run: AslRun, options: QuantificationOptions, quantification: dic
     return (
         f"{_deltam_methods(run.context)} Cerebral blood flow was quantified with the "
         "single-compartment model recommended by the ASL consensus (Alsop et al. 2015): "
-        f"{equation}, with {constants_text}.{slices}"
+        f"{equation}, with {constants_text}.{slices}{_average_methods(options)}"
+    )
+
+
+def _average_methods(options: QuantificationOptions) -> str:
+    """How the per-pair CBF volumes were averaged (nothing to add for the plain mean)."""
+    if options.pair_average != "huber":
+        return ""
+    return (
+        " The CBF volumes of the pairs were averaged at each voxel by the Huber M-estimate of "
+        f"location (Huber 1964; k = {HUBER_K} robust SDs, scale {MAD_TO_SD} times the median "
+        "absolute deviation), which limits the pull of outlying pairs; as CBF is proportional "
+        "to ΔM at a voxel, this is the CBF of the Huber average of the ΔM pairs."
     )
 
 

@@ -15,6 +15,7 @@ from aslprep_lite.interfaces.outputs import WriteDerivatives
 METADATA = [
     "cbf_metadata", "m0_metadata", "confounds_metadata", "maps_metadata", "tissue_metadata",
     "pvc_metadata", "coregistration_metadata", "resampled", "xfm_targets", "xfm_files",
+    "qc_metadata", "score_metadata",
 ]  # fmt: skip
 #: One input per derivative of the output specification, named by its key.
 FIELDS = [d.key for d in ASL_DERIVATIVES] + METADATA
@@ -45,7 +46,7 @@ def init_outputs_wf(
     ------
     <key> for each derivative of the output specification
         Work-directory file of that derivative (unset: not written).
-    cbf_metadata, m0_metadata, confounds_metadata, maps_metadata
+    cbf_metadata, m0_metadata, confounds_metadata, maps_metadata, qc_metadata, score_metadata
         Sidecar content from the stages.
 
     Outputs

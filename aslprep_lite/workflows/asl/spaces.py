@@ -208,6 +208,8 @@ def init_asl_spaces_wf(
         Partial-volume corrected maps (with ``pvc``).
     xfm_targets, xfm_files
         The ASL reference's registration transforms (ITK), by target.
+    tissue_file
+        The tissue fractions on the ASL grid the tissue means used (when there are any).
     """
     templates = sorted({s.name for s in spaces if s.is_template})
     template_of = {s.label: s.name for s in spaces if s.is_template}
@@ -246,7 +248,7 @@ def init_asl_spaces_wf(
         IdentityInterface(
             fields=[
                 "resampled", "tissue_metadata", "pvc_metadata", "coregistration_metadata",
-                "cbf_pvgm", "cbf_pvwm", "xfm_targets", "xfm_files",
+                "cbf_pvgm", "cbf_pvwm", "xfm_targets", "xfm_files", "tissue_file",
             ]
         ),
         name="outputnode",
@@ -327,6 +329,7 @@ def init_asl_spaces_wf(
         workflow.connect([
             (inputnode, measures, [("cbf", "cbf_file"), ("asl_mask", "mask_file")]),
             (tissue_from[0], measures, [(tissue_from[1], "tissue_file")]),
+            (tissue_from[0], outputnode, [(tissue_from[1], "tissue_file")]),
             (measures, outputnode, [("record", "tissue_metadata"),
                                     ("pvc_record", "pvc_metadata"),
                                     ("cbf_pvgm", "cbf_pvgm"), ("cbf_pvwm", "cbf_pvwm")]),
