@@ -13,6 +13,7 @@ outline whatever the number of slices: a figure takes tens of milliseconds.
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -106,6 +107,10 @@ def tile(data: NDArray, slices: Sequence[int], columns: int) -> NDArray:
 
 
 def _figure(width: float, height: float):
+    # matplotlib says at WARNING level that it builds its font cache (first use) or makes a
+    # temporary config folder (a read-only home, as in the container): not the user's concern,
+    # and the command line's stderr keeps one line per problem
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
     import matplotlib
 
     matplotlib.use("Agg", force=False)
