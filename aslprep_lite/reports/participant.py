@@ -109,6 +109,12 @@ def _number(value) -> str:
     return str(value)
 
 
+def _units(value: dict) -> str:
+    """`` <units>`` of a sidecar value, nothing for a dimensionless one (``"1"``)."""
+    units = str(value.get("Units", ""))
+    return "" if units in ("", "1") else f" {units}"
+
+
 def _table(rows: Sequence[tuple[str, str]], css: str = "kv") -> str:
     body = "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows)
     return f'<table class="{css}">{body}</table>'
@@ -261,8 +267,20 @@ def anatomy_section(page: Page) -> str:
 
 
 def _raw_sidecar(bids_dir: Path, asl_file: str) -> dict:
-    path = bids_dir / re.sub(r"\.nii(\.gz)?$", ".json", asl_file)
-    return _json(path)
+    """The run's raw ``_asl.json`` with the BIDS inheritance principle: every ``asl.json``
+    from the dataset root down to the run's folder whose entities the run has, the deeper
+    ones overriding (a damaged one is skipped: the run's own error says why)."""
+    run = Path(asl_file)
+    entities = set(re.sub(r"_asl\.nii(\.gz)?$", "", run.name).split("_"))
+    merged: dict = {}
+    folder = Path(bids_dir)
+    for part in ("", *run.parent.parts):
+        folder = folder / part if part else folder
+        for candidate in sorted(folder.glob("*asl.json"), key=lambda p: len(p.name)):
+            stem = candidate.name[: -len("asl.json")].rstrip("_")
+            if not stem or set(stem.split("_")) <= entities:
+                merged.update(_json(candidate))
+    return merged
 
 
 def _summary(cbf: dict, raw: dict) -> str:
@@ -312,10 +330,7 @@ def _summary(cbf: dict, raw: dict) -> str:
         )
     out = ["<h3>Summary</h3>", _table(rows)] if rows else []
     constants = [
-        (
-            key,
-            _e(f"{_number(value['Value'])} {value.get('Units', '')} — {value.get('Source', '')}"),
-        )
+        (key, _e(f"{_number(value['Value'])}{_units(value)} — {value.get('Source', '')}"))
         for key, value in sorted(cbf.get("Quantification", {}).items())
         if isinstance(value, dict) and "Value" in value
     ]
