@@ -3,10 +3,12 @@
 Writes a synthetic dataset (one participant with a T1w, two sessions: ``ses-a`` single-delay
 PCASL, 80 volumes, ``ses-b`` multi-delay PCASL with 4 delays), processes it once with the real
 command line (not timed: it writes the derivatives the report reads), then builds the report
-from the disk ``--repeats`` times in this process and prints, for each build, the wall time of
-the participant's page and of each of its figures, and the peak memory.
+from the disk ``--repeats`` times in this process and prints, for each build, the wall and CPU
+time of the participant's page (the report is single-threaded: its CPU time is its wall time
+on an idle machine), the load average, the time of each figure of the last build, and the peak
+memory.
 
-The first build includes the imports of matplotlib and nibabel (printed apart); the figures'
+The imports of matplotlib and nibabel are timed apart; the figures'
 times are measured by wrapping :meth:`aslprep_lite.reports.participant.Page.figure`, so the
 code that runs is the package's. Peak memory is ``ru_maxrss`` of this process (the CLI runs
 in a child and is not counted).
@@ -97,12 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     totals = []
     for repeat in range(options.repeats):
         timings.clear()
-        begin = time.perf_counter()
+        begin, cpu = time.perf_counter(), time.process_time()
         participant.build_report(out, bids.resolve(), "01", runs)
-        total = time.perf_counter() - begin
+        total, cpu = time.perf_counter() - begin, time.process_time() - cpu
         totals.append(total)
         print(f"build {repeat + 1}: {total:.2f} s for {len(runs)} runs "
-              f"({total / len(runs):.2f} s per run), {len(timings)} figures")  # fmt: skip
+              f"({total / len(runs):.2f} s per run; CPU {cpu:.2f} s), {len(timings)} figures, "
+              f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     for name, seconds in sorted(timings, key=lambda t: -t[1]):
         print(f"  {seconds:6.3f} s  {name}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

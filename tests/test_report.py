@@ -186,3 +186,18 @@ def test_sections_follow_the_files(fake_output):
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     changed = {p.name for p in before if before[p] != after.get(p)}
     assert changed == {"sub-01.html", "sub-01_desc-scrub_asl.png", "sub-01_desc-scrub_cbf.nii.gz"}
+
+
+def test_removed_volumes_from_either_table_layout():
+    from aslprep_lite.reports.participant import _removed_volumes
+
+    per_volume = np.array([0, 1, 0, 1.0])
+    assert _removed_volumes(per_volume, 4, []).tolist() == [False, True, False, True]
+    # a row per ASL volume: n/a on the rows that are not CBF volumes
+    with_na = np.array([np.nan, 0, np.nan, 1, np.nan, 0])
+    assert _removed_volumes(with_na, 3, []).tolist() == [False, True, False]
+    # a row per ASL volume, both volumes of a pair flagged: the label rows
+    pairs = np.array([0, 0, 1, 1, 0, 0.0])
+    context = ["control", "label"] * 3
+    assert _removed_volumes(pairs, 3, context).tolist() == [False, True, False]
+    assert _removed_volumes(pairs, 4, context) is None

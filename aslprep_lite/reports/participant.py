@@ -67,6 +67,12 @@ class ImageCache:
                     LOGGER.info("report: %s not shown (%s)", path, err)
         return self.volumes[path]
 
+    def forget(self, *folders: Path) -> None:
+        """Drop the images of these folders (a run's, once its section is drawn): the page
+        then holds one run's series at a time, besides the anatomy."""
+        for path in [p for p in self.volumes if p.parent in folders]:
+            del self.volumes[path]
+
 
 def _json(path: Path) -> dict:
     try:
@@ -598,12 +604,12 @@ def run_section(page: Page, status: RunStatus) -> str:
             )
         )
     raw_file = page.bids_dir / status.asl_file
+    context = _tsv_text_column(
+        page.bids_dir / re.sub(r"_asl\.nii(\.gz)?$", "_aslcontext.tsv", status.asl_file),
+        "volume_type",
+    )
     if mask is not None and raw_file.is_file():
         raw = images.get(raw_file)
-        context = _tsv_text_column(
-            page.bids_dir / re.sub(r"_asl\.nii(\.gz)?$", "_aslcontext.tsv", status.asl_file),
-            "volume_type",
-        )
         if raw is not None and raw.data.ndim == 4 and raw.data.shape[:3] == mask.data.shape:
             series_parts.append(
                 page.figure(
@@ -618,9 +624,9 @@ def run_section(page: Page, status: RunStatus) -> str:
     if timeseries is not None and mask is not None and timeseries.data.ndim == 4:
         removed = None
         if "score_outlier_index" in confounds:
-            index = confounds["score_outlier_index"]
-            if index.size == timeseries.data.shape[3]:
-                removed = index == 1
+            removed = _removed_volumes(
+                confounds["score_outlier_index"], timeseries.data.shape[3], context
+            )
         n_removed = int(removed.sum()) if removed is not None else None
         caption = "Mean CBF in the brain mask of each volume of the CBF series"
         caption += (
@@ -660,7 +666,27 @@ def run_section(page: Page, status: RunStatus) -> str:
         parts.append("<h3>Time series</h3>" + "".join(series_parts))
     parts.append(_qc_table(path("desc-qualitycontrol_cbf.tsv")))
     parts.append("</section>")
+    images.forget(perf, raw_file.parent)
     return "".join(parts)
+
+
+def _removed_volumes(index: np.ndarray, n_volumes: int, context: Sequence[str]):
+    """Which volumes of the CBF series SCORE removed, from the confounds' column
+    ``score_outlier_index`` (1 = removed), or None when its rows cannot be matched.
+
+    The column has a row per volume of the CBF series, or a row per volume of the ASL series:
+    then the rows with a value (n/a elsewhere) or, failing that, the ``label`` rows (one per
+    pair) stand for the CBF volumes.
+    """
+    if index.size == n_volumes:
+        return index == 1
+    valued = index[np.isfinite(index)]
+    if valued.size == n_volumes:
+        return valued == 1
+    labels = [i for i, kind in enumerate(context) if kind == "label"]
+    if len(context) == index.size and len(labels) == n_volumes:
+        return index[labels] == 1
+    return None
 
 
 def _tsv_text_column(path: Path, name: str) -> list[str]:
