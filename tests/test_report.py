@@ -201,3 +201,26 @@ def test_removed_volumes_from_either_table_layout():
     context = ["control", "label"] * 3
     assert _removed_volumes(pairs, 3, context).tolist() == [False, True, False]
     assert _removed_volumes(pairs, 4, context) is None
+
+
+def test_status_keeps_runs_of_earlier_invocations(fake_output):
+    bids, out = fake_output
+    first = str(bids / "sub-01/perf/sub-01_asl.nii.gz")
+    second = bids / "sub-01/perf/sub-01_run-2_asl.nii.gz"
+    second.write_bytes(b"")
+    write_reports(out, bids, [first], [])
+    # another invocation (e.g. a BIDS filter) considers run 2 only, which fails
+    write_reports(out, bids, [], [(str(second), "run 2 <failed>")])
+    record = json.loads((out / "logs" / "sub-01_runs.json").read_text())
+    assert [(r["Prefix"], r["Status"]) for r in record["Runs"]] == [
+        ("sub-01", "ok"),
+        ("sub-01_run-2", "failed"),
+    ]
+    assert record["Status"] == "failed"
+    page = (out / "sub-01.html").read_text()
+    assert 'id="run-sub-01"' in page and 'id="run-sub-01_run-2"' in page
+    # an earlier ok run whose CBF map is gone is no longer listed
+    (out / "sub-01" / "perf" / "sub-01_cbf.nii.gz").unlink()
+    write_reports(out, bids, [], [(str(second), "run 2 <failed>")])
+    record = json.loads((out / "logs" / "sub-01_runs.json").read_text())
+    assert [r["Prefix"] for r in record["Runs"]] == ["sub-01_run-2"]

@@ -817,10 +817,11 @@ def write_reports(
     list of Path
         The reports written, one per participant, in label order.
     """
-    from aslprep_lite.reports.status import collect_statuses, write_status
+    from aslprep_lite.reports.status import collect_statuses, with_earlier_runs, write_status
 
     reports = []
     for subject, runs in collect_statuses(bids_dir, processed, failures).items():
+        runs = with_earlier_runs(output_dir, bids_dir, subject, runs)
         write_status(output_dir, subject, runs)
         try:
             reports.append(build_report(output_dir, bids_dir, subject, runs))

@@ -26,7 +26,8 @@ Schema (version 1)::
 
 ``AslFile`` is relative to the input dataset; ``Status`` of a run is ``ok`` or ``failed``
 (then ``Error`` is its one line, as printed); the participant's ``Status`` is ``ok`` when
-every run is, else ``failed``. Runs are in the order of their file names.
+every run is, else ``failed``. Runs are in the order of their file names. Runs of an earlier
+invocation that this one did not consider stay listed (:func:`with_earlier_runs`).
 """
 
 from __future__ import annotations
@@ -125,6 +126,37 @@ def collect_statuses(
             )
         )
     return {subject: by_subject[subject] for subject in sorted(by_subject)}
+
+
+def with_earlier_runs(
+    output_dir: Path, bids_dir: Path, subject: str, runs: Sequence[RunStatus]
+) -> list[RunStatus]:
+    """``runs`` and the runs of the participant's previous record that this invocation did
+    not consider (e.g. another ``--session-label``), sorted by file name.
+
+    An earlier run is kept only while its ASL file is still in the dataset and, if it was
+    ``ok``, its CBF map is still in the output: the record describes what is on disk.
+    """
+    try:
+        previous = json.loads(status_path(output_dir, subject).read_text(encoding="utf-8"))
+        earlier = previous["Runs"] if previous.get("SchemaVersion") == SCHEMA_VERSION else []
+    except (OSError, ValueError, KeyError, AttributeError):
+        return list(runs)
+    current = {run.asl_file for run in runs}
+    kept = list(runs)
+    for entry in earlier:
+        try:
+            asl_file, status = str(entry["AslFile"]), str(entry["Status"])
+            prefix, session, error = str(entry["Prefix"]), entry["Session"], entry["Error"]
+        except (KeyError, TypeError):
+            continue
+        if asl_file in current or not (Path(bids_dir) / asl_file).is_file():
+            continue
+        folder = Path(output_dir) / f"sub-{subject}" / (f"ses-{session}" if session else "")
+        if status == OK and not (folder / "perf" / f"{prefix}_cbf.nii.gz").is_file():
+            continue
+        kept.append(RunStatus(asl_file, prefix, subject, session, status, error))
+    return sorted(kept, key=lambda run: run.asl_file)
 
 
 def status_record(subject: str, runs: Sequence[RunStatus]) -> dict:
