@@ -17,13 +17,17 @@ import html
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from aslprep_lite.reports.status import OK, RunStatus, report_name
+
+if TYPE_CHECKING:
+    from aslprep_lite.reports.figures import Volume
 
 LOGGER = logging.getLogger("aslprep_lite")
 
@@ -50,9 +54,9 @@ class Figure:
 class ImageCache:
     """Images read once per page, in RAS orientation; None for a file absent or unreadable."""
 
-    volumes: dict[Path, object] = field(default_factory=dict)
+    volumes: dict[Path, Volume | None] = field(default_factory=dict)
 
-    def get(self, path: Path):
+    def get(self, path: Path) -> Volume | None:
         """The :class:`~aslprep_lite.reports.figures.Volume` of ``path``, or None."""
         if path not in self.volumes:
             self.volumes[path] = None
@@ -140,7 +144,7 @@ class Page:
     def figure_dir(self) -> Path:
         return self.output_dir / f"sub-{self.subject}" / "figures"
 
-    def figure(self, name: str, title: str, caption: str, draw) -> str:
+    def figure(self, name: str, title: str, caption: str, draw: Callable[[], bytes]) -> str:
         """Draw one figure (``draw()`` returns PNG bytes) and return its HTML; a figure that
         cannot be drawn is left out with an INFO line, never failing the page."""
         try:
@@ -170,7 +174,7 @@ def _template_file(template: str, resolution: int, **entities) -> Path | None:
         return None
 
 
-def _template_volume(page: Page, template: str, resolution: int, **entities):
+def _template_volume(page: Page, template: str, resolution: int, **entities) -> Volume | None:
     path = _template_file(template, resolution, **entities)
     return page.images.get(path) if path is not None else None
 
