@@ -341,7 +341,16 @@ def carpet_plot(series: NDArray, mask: NDArray, context: Sequence[str]) -> bytes
                 [CONTEXT_COLOURS[k] for k in kinds] + ["white"] * (len(kinds) < 2)
             ),
         )
-        strip.set_title("  ".join(kinds), fontsize=8, loc="left")
+        from matplotlib.patches import Patch
+
+        strip.legend(
+            handles=[Patch(color=CONTEXT_COLOURS[k], label=k) for k in kinds],
+            loc="lower left",
+            bbox_to_anchor=(0.0, 1.0),
+            ncols=len(kinds),
+            fontsize=8,
+            frameon=False,
+        )
     strip.set_yticks([])
     carpet.imshow(z, aspect="auto", cmap="gray", vmin=-2, vmax=2, interpolation="nearest")
     carpet.set_xlabel("volume")
