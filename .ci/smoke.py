@@ -31,6 +31,10 @@ BAD_FIELD = "RepetitionTimePreparation"
 BAD_SIDECAR = "sub-01/perf/sub-01_asl.json"
 EXPECTED = [
     "dataset_description.json",
+    # the report, its status record and a figure (matplotlib in a read-only image)
+    "sub-01.html",
+    "logs/sub-01_runs.json",
+    "sub-01/figures/sub-01_desc-cbf_asl.png",
     *(
         f"sub-01/perf/sub-01_{name}"
         for name in (

@@ -167,6 +167,14 @@ def _main(options) -> int:
     write_dataset_description(execution.bids_dir, settings.outputs.output_dir)
     if discovery.runs:
         failures += run_participants(settings, discovery.runs)
+    from aslprep_lite.reports.participant import write_reports
+
+    reports = write_reports(
+        settings.outputs.output_dir,
+        execution.bids_dir,
+        [run.asl_file for run in discovery.runs],
+        failures,
+    )
 
     n_ok = len(discovery.runs) + len(discovery.failures) - len(failures)
     for _, message in failures:
@@ -178,6 +186,8 @@ def _main(options) -> int:
         time.monotonic() - start,
         settings.outputs.output_dir,
     )
+    for report in reports:
+        LOGGER.info("report: %s", report)
     return 1 if failures else 0
 
 
