@@ -68,6 +68,7 @@ def test_cli_lines_and_quiet(tmp_path) -> None:
         "derivatives done",
         "head motion done",
         "load done",
+        "quality control done",
     ]
     assert stages[-1].endswith("derivatives done")
     quiet = subprocess.run(
