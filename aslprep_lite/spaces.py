@@ -282,7 +282,7 @@ def _template_files(space: Space) -> dict[str, Path]:
     """The files of one template space, by role (see :func:`check_templates`)."""
     from aslprep_lite.templates import _client, configure_templateflow, get_template
 
-    home = configure_templateflow()
+    home = configure_templateflow(space.name)
     _check_cohort(space, home)
     base: dict[str, Any] = {} if space.cohort is None else {"cohort": int(space.cohort)}
     resolution = int(space.resolution or DEFAULT_RESOLUTION)

@@ -605,11 +605,6 @@ def test_empty_templateflow_home(dataset, tmp_path):
     assert list(home.iterdir()) == []  # nothing written into the user's folder
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an empty TEMPLATEFLOW_HOME fails before the template is looked at: the line does "
-    "not name MNI152NLin6Asym nor the pre-fetch command",
-)
 def test_empty_templateflow_home_names_the_template(dataset, tmp_path):
     home = tmp_path / "templateflow"
     home.mkdir()
