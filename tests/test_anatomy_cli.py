@@ -285,11 +285,6 @@ def test_t1w_missing_the_brain_fails_coregistration(main_run):
     assert anat in (set(), _planned_anatomy("slab")), anat
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CoregisterAsl names the ASL reference in the work directory "
-    "(.../m0_wf/prepare_m0/m0.nii), not an input file of the participant",
-)
 def test_coregistration_failure_names_an_input_file(dataset, main_run):
     (line,) = lines_about(main_run.errors, "slab")
     named = line.removeprefix("aslprep-lite: error: ").split(": ", 1)[0]

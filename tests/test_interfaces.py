@@ -175,3 +175,58 @@ def test_sidecars_composed_from_the_output_spec():
     }
     confounds = compose_sidecar(BY_KEY["confounds"], records, provenance)
     assert confounds["framewise_displacement"] == {"Units": "mm"}
+
+
+def test_anatomy_crash_names_the_bids_t1w(tmp_path):
+    """SimpleITK's N4 refuses a 3-voxel T1w: the line names the T1w, not a work file."""
+    import nibabel as nb
+    import pytest
+
+    from aslprep_lite.errors import AslprepError
+    from aslprep_lite.interfaces.anatomical import PreprocessT1w
+    from aslprep_lite.spaces import anatomy_template_files
+
+    t1w = tmp_path / "sub-01_T1w.nii.gz"
+    data = np.random.default_rng(0).random((3, 3, 3)).astype(np.float32)
+    nb.save(nb.Nifti1Image(data, np.eye(4)), t1w)
+    node = PreprocessT1w(
+        t1w_file=str(t1w),
+        template="MNI152NLin2009aSym",
+        template_files={k: str(v) for k, v in anatomy_template_files().items()},
+        seed=1,
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(AslprepError) as caught:
+        node.run(cwd=str(work))
+    message = str(caught.value)
+    assert message.startswith(
+        f"{t1w}: T1w preprocessing (N4, normalization, segmentation) failed (RuntimeError: "
+    ), message
+    assert message.endswith(
+        "check that the image holds a whole head at a usual resolution (details in the crash "
+        "file of the working directory)"
+    ), message
+    assert "\n" not in message
+
+
+def test_run_node_failure_names_the_bids_file_not_the_work_file(tmp_path):
+    """An AslprepError about a work-directory file (here the tissue maps on the ASL grid) is
+    re-issued naming the run's BIDS file, the reason unchanged."""
+    import nibabel as nb
+    import pytest
+
+    from aslprep_lite.errors import AslprepError
+    from aslprep_lite.interfaces.anatomical import ReferenceRegionFromTissue
+
+    tissue = tmp_path / "tissue_asl.nii.gz"
+    nb.save(nb.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)), tissue)
+    asl = "/data/bids/sub-01/perf/sub-01_asl.nii.gz"
+    node = ReferenceRegionFromTissue(tissue_file=str(tissue), tissue="csf", source_file=asl)
+    with pytest.raises(AslprepError) as caught:
+        node.run(cwd=str(tmp_path))
+    assert str(caught.value) == (
+        f"{asl}: only 0 voxels of the ASL grid are pure CSF (fraction > 0.9) in the T1w "
+        "segmentation: too few for --m0-calibration; give --m0-reference-mask or use "
+        "--m0-calibration voxel"
+    )

@@ -146,7 +146,10 @@ def init_anat_wf(
         else:
             norm = pe.Node(
                 NormalizeT1w(
-                    template=template, template_files=dict(template_files[template]), seed=seed
+                    template=template,
+                    template_files=dict(template_files[template]),
+                    seed=seed,
+                    source_file=t1w_file,
                 ),
                 name=f"normalize_{safe}",
                 mem_gb=2.0,
@@ -157,7 +160,7 @@ def init_anat_wf(
                 (norm, outputnode, [("to_t1w", field)]),
             ])  # fmt: skip
         if precomputed is None:
-            itk = pe.Node(DeformationsToItk(), name=f"itk_{safe}")
+            itk = pe.Node(DeformationsToItk(source_file=t1w_file), name=f"itk_{safe}")
             workflow.connect([
                 (norm, itk, [("to_template", "to_template"), ("to_t1w", "to_t1w")]),
             ])  # fmt: skip

@@ -194,6 +194,8 @@ def _connect_spaces(workflow, run, options, targets, template_files, space_recor
         and not options.m0_reference_mask
     )  # fmt: skip
     name = "mean control image" if from_segmentation else reference_name(run)
+    # failures name the BIDS file the reference comes from, not its copy in the work dir
+    source_file = run.m0_file if name == "M0" and run.m0_file else run.asl_file
     spaces_wf = init_asl_spaces_wf(
         spaces=targets,
         anatomy=anatomy,
@@ -203,6 +205,7 @@ def _connect_spaces(workflow, run, options, targets, template_files, space_recor
         reference_name=name,
         pvc=options.pvc and run.has_deltam,
         seed=options.seed,
+        source_file=source_file,
     )
     reference = (
         (stages["m0"], "outputnode.m0_file")
@@ -229,7 +232,9 @@ def _connect_spaces(workflow, run, options, targets, template_files, space_recor
     ])  # fmt: skip
     if not anatomy:
         return
-    coreg_wf = init_coreg_wf(reference_name=name, own_mask=from_segmentation, seed=options.seed)
+    coreg_wf = init_coreg_wf(
+        reference_name=name, own_mask=from_segmentation, seed=options.seed, source_file=source_file
+    )
     fields = ANAT_FIELDS + [deformation_field(t) for t in templates]
     inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
     renamed = dict(zip(ANAT_FIELDS, ANAT_INPUTS, strict=True))
@@ -245,7 +250,8 @@ def _connect_spaces(workflow, run, options, targets, template_files, space_recor
     ])  # fmt: skip
     if from_segmentation:
         region = pe.Node(
-            ReferenceRegionFromTissue(tissue=options.m0_calibration), name="reference_region"
+            ReferenceRegionFromTissue(tissue=options.m0_calibration, source_file=run.asl_file),
+            name="reference_region",
         )
         workflow.connect([
             (coreg_wf, region, [("outputnode.tissue_file", "tissue_file")]),

@@ -94,13 +94,17 @@ def spaces_methods(
     return text.strip()
 
 
-def init_coreg_wf(*, reference_name: str, own_mask: bool, seed: int, name: str = "coreg_wf"):
+def init_coreg_wf(
+    *, reference_name: str, own_mask: bool, seed: int, source_file: str, name: str = "coreg_wf"
+):
     """Rigid ASL → T1w coregistration and the T1w tissue maps on the ASL grid.
 
     Parameters
     ----------
     reference_name
         What the ASL reference is (M0 or mean control).
+    source_file
+        The BIDS file the reference comes from (M0 or ASL series): failures name it.
     own_mask
         Make the ASL brain mask from the reference (when the M0 step's mask is not available
         yet: its reference-region calibration needs this stage's tissue maps).
@@ -136,8 +140,11 @@ def init_coreg_wf(*, reference_name: str, own_mask: bool, seed: int, name: str =
         IdentityInterface(fields=["matrix_file", "xfm_file", "record", "tissue_file"]),
         name="outputnode",
     )
-    coreg = pe.Node(CoregisterAsl(reference_name=reference_name, seed=seed), name="coregister")
-    to_asl = pe.Node(TissueOnAsl(), name="tissue_on_asl")
+    coreg = pe.Node(
+        CoregisterAsl(reference_name=reference_name, seed=seed, source_file=source_file),
+        name="coregister",
+    )
+    to_asl = pe.Node(TissueOnAsl(source_file=source_file), name="tissue_on_asl")
     probseg = pe.Node(Merge(3), name="probseg")
     workflow.connect([
         (inputnode, coreg, [("reference", "reference_file"), ("t1w_preproc", "t1w_file"),
@@ -166,6 +173,7 @@ def init_asl_spaces_wf(
     reference_name: str,
     pvc: bool,
     seed: int,
+    source_file: str,
     name: str = "spaces_wf",
 ):
     """Tissue measures, PVC and resampling of one run (T1w-free: also its registration).
@@ -186,6 +194,8 @@ def init_asl_spaces_wf(
         What the ASL reference is (M0 or mean control), for the methods and sidecars.
     pvc
         Write the partial-volume corrected maps (needs ``anatomy``).
+    source_file
+        The run's BIDS file that failures name (the ASL series, or its M0 scan).
 
     Inputs
     ------
@@ -261,7 +271,9 @@ def init_asl_spaces_wf(
         for s in spaces
     ]
     resample = pe.Node(
-        ResampleToSpaces(spaces=entries, templates=templates), name="resample", mem_gb=1.0
+        ResampleToSpaces(spaces=entries, templates=templates, source_file=source_file),
+        name="resample",
+        mem_gb=1.0,
     )
     workflow.connect([(inputnode, resample, [(k, k) for k in RESAMPLED_KEYS])])
     xfm_files = pe.Node(Merge(max(1, len(templates)) if not anatomy else 1), name="xfm_files")
@@ -293,6 +305,7 @@ def init_asl_spaces_wf(
                     template=template,
                     template_files=dict(template_files[label]),
                     seed=seed,
+                    source_file=source_file,
                 ),
                 name=f"align_{template}",
             )
@@ -308,7 +321,10 @@ def init_asl_spaces_wf(
         if priors is not None:
             label = next(lbl for lbl, f in template_files.items() if f is priors)
             to_asl = pe.Node(
-                TissueOnAsl(probseg=[priors[r] for r in _PRIOR_ROLES if r in priors]),
+                TissueOnAsl(
+                    probseg=[priors[r] for r in _PRIOR_ROLES if r in priors],
+                    source_file=source_file,
+                ),
                 name="tissue_on_asl",
             )
             index = templates.index(template_of[label])
@@ -322,7 +338,8 @@ def init_asl_spaces_wf(
 
     if tissue:
         measures = pe.Node(
-            TissueCbf(tissue_source=tissue_source, pvc=pvc and anatomy), name="tissue_cbf"
+            TissueCbf(tissue_source=tissue_source, pvc=pvc and anatomy, source_file=source_file),
+            name="tissue_cbf",
         )
         workflow.connect([
             (inputnode, measures, [("cbf", "cbf_file"), ("asl_mask", "mask_file")]),
