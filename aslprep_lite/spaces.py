@@ -134,6 +134,16 @@ class Space:
         return entities
 
     @property
+    def template_key(self) -> str:
+        """The template with its cohort, as transforms name it: ``X``, or ``X+N`` for cohort N.
+
+        sMRIPrep joins the cohort with ``+`` (``from-T1w_to-MNIPediatricAsym+2``); the
+        resolution does not change a transform, so two resolutions of one template and cohort
+        share one normalization, and two cohorts of one template do not.
+        """
+        return f"{self.name}+{self.cohort}" if self.cohort is not None else self.name
+
+    @property
     def label(self) -> str:
         """The command-line spelling, e.g. ``MNI152NLin2009cAsym:res-2``."""
         modifiers = [f"{key}-{value}" for key, value in self.entities.items() if key != "space"]

@@ -230,3 +230,45 @@ def test_run_node_failure_names_the_bids_file_not_the_work_file(tmp_path):
         "segmentation: too few for --m0-calibration; give --m0-reference-mask or use "
         "--m0-calibration voxel"
     )
+
+
+def test_each_template_output_carries_its_own_registration(tmp_path):
+    """T1w-free with two templates: each template's maps and transform carry that template's
+    registration record; the native maps keep the run's (the first template's)."""
+    import json
+
+    import nibabel as nb
+
+    from aslprep_lite.interfaces.outputs import WriteDerivatives
+
+    cbf = tmp_path / "cbf.nii.gz"
+    nb.save(nb.Nifti1Image(np.ones((2, 2, 2), np.float32), np.eye(4)), cbf)
+    xfm = tmp_path / "xfm.txt"
+    xfm.write_text("#Insight Transform File V1.0\n")
+    coreg = {
+        k: {"Coregistration": {"Dice": d, "Template": k}} for k, d in (("A", 0.9), ("B+2", 0.7))
+    }
+    spaces = {"A": "A:res-2", "B+2": "B:cohort-2:res-2"}
+    node = WriteDerivatives(
+        output_dir=str(tmp_path / "out"), out_dir="sub-01/perf", prefix="sub-01",
+        keys=["cbf"], cbf=str(cbf), sources=["bids::x"], parameters={},
+        cbf_metadata={}, m0_metadata={}, confounds_metadata={},
+        coregistration_metadata=coreg["A"],
+        resampled=[
+            {"key": "cbf", "space": spaces[k], "file": str(cbf), "record": {"Template": k},
+             "coregistration": coreg[k]}
+            for k in spaces
+        ],
+        xfm_targets=list(spaces), xfm_files=[str(xfm)] * 2, xfm_records=list(coreg.values()),
+    )  # fmt: skip
+    node.run(cwd=str(tmp_path))
+    perf = tmp_path / "out" / "sub-01" / "perf"
+
+    def dice(name: str) -> float:
+        return json.loads((perf / name).read_text())["Coregistration"]["Dice"]
+
+    assert dice("sub-01_cbf.json") == 0.9
+    assert dice("sub-01_space-A_res-2_cbf.json") == 0.9
+    assert dice("sub-01_space-B_cohort-2_res-2_cbf.json") == 0.7
+    assert dice("sub-01_from-aslref_to-A_mode-image_xfm.json") == 0.9
+    assert dice("sub-01_from-aslref_to-B+2_mode-image_xfm.json") == 0.7

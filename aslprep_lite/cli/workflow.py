@@ -200,9 +200,9 @@ def prepare_spaces(settings: Settings, runs: Sequence[AslRun]):
         if anat_dir is None:
             break
         # sMRIPrep names a cohort's transforms <template>+<cohort>: ask with the cohort,
-        # keep them by template
+        # keep them by template and cohort (one normalization each)
         asked = {
-            s.name: f"{s.name}:cohort-{s.cohort}" if s.cohort else s.name
+            s.template_key: f"{s.name}:cohort-{s.cohort}" if s.cohort else s.name
             for s in spaces
             if s.is_template
         }
@@ -262,6 +262,11 @@ def _report_quality_warnings(output_dir: Path, run: AslRun) -> None:
             )
         if coregistration.get("Warning"):  # not to be found only on disk
             warnings.append(coregistration["Warning"])
+        # T1w-free with several templates: each registration has its own record (transforms)
+        for xfm in sorted(sidecar.parent.glob(f"{run.prefix}_from-aslref_to-*_xfm.json")):
+            warning = json.loads(xfm.read_text()).get("Coregistration", {}).get("Warning")
+            if warning and warning not in warnings:
+                warnings.append(warning)
         for warning in warnings:
             LOGGER.warning("%s: %s", sidecar, warning)
 

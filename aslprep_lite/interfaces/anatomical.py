@@ -577,6 +577,9 @@ class _ResampleInputSpec(_SourceInputSpec):
     t1w_to_asl = File(exists=True, desc="T1w points -> ASL points (.npy)")
     deformations = traits.List(File(exists=True), desc="template points -> T1w points")
     template_to_asl = traits.List(File(exists=True), desc="T1w-free: template -> ASL (.npy)")
+    coregistrations = traits.List(
+        traits.Dict, desc="T1w-free: each template's registration record (order of templates)"
+    )
 
 
 for _key in RESAMPLED_KEYS:  # one optional file input per map written in other spaces
@@ -629,9 +632,11 @@ class ResampleToSpaces(_NamedFailures):
                     values = (values > 0.5).astype(np.uint8)
                 target = str(folder / f"{key}.nii.gz")
                 _save(values, grid.affine, target, values.dtype)
-                out.append(
-                    {"key": key, "space": space["label"], "file": target,
-                     "record": space.get("record", {})}
-                )  # fmt: skip
+                item = {"key": key, "space": space["label"], "file": target,
+                        "record": space.get("record", {})}  # fmt: skip
+                if space["template"] is not None and isdefined(self.inputs.coregistrations):
+                    index = self.inputs.templates.index(space["template"])
+                    item["coregistration"] = self.inputs.coregistrations[index]
+                out.append(item)
         self._results["resampled"] = out
         return runtime

@@ -56,6 +56,9 @@ class _WriteInputSpec(BaseInterfaceInputSpec):
     resampled = traits.List(traits.Dict, desc="maps in other spaces (ResampleToSpaces)")
     xfm_targets = traits.List(traits.Str, desc="what the ASL reference was registered to")
     xfm_files = traits.List(File(exists=True), desc="the ITK transforms, in that order")
+    xfm_records = traits.List(
+        traits.Dict, desc="T1w-free: each target's registration record, in that order"
+    )
 
 
 for _derivative in ASL_DERIVATIVES:  # one file input per derivative of the output spec
@@ -111,11 +114,16 @@ class WriteDerivatives(SimpleInterface):
         ]
         for item in inputs.resampled if isdefined(inputs.resampled) else []:
             derivative = in_space(BY_KEY[item["key"]], parse_space(item["space"]))
-            files.append((derivative, item["file"], {**records, "space": item["record"]}))
+            own = {**records, "space": item["record"]}
+            if "coregistration" in item:  # T1w-free: that template's own registration
+                own["coregistration"] = item["coregistration"]
+            files.append((derivative, item["file"], own))
         targets = inputs.xfm_targets if isdefined(inputs.xfm_targets) else []
         paths = inputs.xfm_files if isdefined(inputs.xfm_files) else []
-        for target, path in zip(targets, paths, strict=True):
-            files.append((coregistration_transform(target), path, records))
+        xfm_records = inputs.xfm_records if isdefined(inputs.xfm_records) else []
+        for index, (target, path) in enumerate(zip(targets, paths, strict=True)):
+            own = {**records, "coregistration": xfm_records[index]} if xfm_records else records
+            files.append((coregistration_transform(target), path, own))
 
         written = stage_and_move(root, inputs.out_dir, prefix, files, provenance)
         self._results["out_files"] = [str(Path(inputs.out_dir) / name) for name in sorted(written)]

@@ -83,7 +83,9 @@ def init_anat_wf(
         The template whose brain mask and tissue priors drive brain extraction and
         segmentation (res-1 files by role).
     template_files
-        Every template the outputs are written in: ``{template: {role: file}}``.
+        Every template the outputs are written in: ``{template key: {role: file}}``, keyed by
+        :attr:`~aslprep_lite.spaces.Space.template_key` (``X`` or ``X+N`` with a cohort: one
+        normalization per template and cohort).
     precomputed
         An sMRIPrep/fMRIPrep anatomy to reuse (``--anat-derivatives``), or None.
 

@@ -110,14 +110,15 @@ def init_single_subject_wf(
 
 
 def _files_by_template(resources: SpaceResources) -> dict[str, dict[str, str]]:
-    """The files of each template (one entry per template, whatever its resolutions)."""
-    by_name: dict[str, dict[str, str]] = {}
+    """The files of each template and cohort (:attr:`~aslprep_lite.spaces.Space.template_key`:
+    one normalization each, whatever its resolutions)."""
+    by_key: dict[str, dict[str, str]] = {}
     for space in resources.spaces:
-        if space.is_template and space.name not in by_name:
-            by_name[space.name] = {
+        if space.is_template and space.template_key not in by_key:
+            by_key[space.template_key] = {
                 k: str(v) for k, v in resources.template_files[space.label].items()
             }
-    return by_name
+    return by_key
 
 
 def _space_records(resources: SpaceResources, run: AslRun, precomputed: bool) -> dict:
@@ -135,8 +136,9 @@ def _space_records(resources: SpaceResources, run: AslRun, precomputed: bool) ->
         )
         return [f"{perf}_from-aslref_to-T1w_mode-image_xfm.txt", to_template]
 
+    keys = {s.label: s.template_key for s in resources.spaces if s.is_template}
     records = {
-        label: {**record, "Transforms": transforms(record["Template"])}
+        label: {**record, "Transforms": transforms(keys.get(label, record["Template"]))}
         for label, record in resources.space_records.items()
     }
     records["T1w"] = {

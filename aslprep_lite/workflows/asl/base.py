@@ -186,7 +186,7 @@ def _connect_spaces(workflow, run, options, targets, template_files, space_recor
                     stages) -> None:  # fmt: skip
     """Add the coregistration and spaces stages to a run's workflow."""
     anatomy = run.t1w_file is not None
-    templates = sorted({s.name for s in targets if s.is_template})
+    templates = sorted({s.template_key for s in targets if s.is_template})
     # reference-region calibration from the segmentation: the M0 step waits for the tissue
     # maps, so the coregistration cannot use the M0 step's outputs (mean control instead)
     from_segmentation = (
@@ -228,6 +228,7 @@ def _connect_spaces(workflow, run, options, targets, template_files, space_recor
             ("outputnode.cbf_pvwm", "inputnode.cbf_pvwm"),
             ("outputnode.xfm_targets", "inputnode.xfm_targets"),
             ("outputnode.xfm_files", "inputnode.xfm_files"),
+            ("outputnode.xfm_records", "inputnode.xfm_records"),
         ]),
     ])  # fmt: skip
     if not anatomy:

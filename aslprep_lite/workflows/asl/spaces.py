@@ -9,6 +9,7 @@ the template's tissue priors stand in for a segmentation.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 from nipype.interfaces.utility import IdentityInterface, Merge
@@ -218,9 +219,12 @@ def init_asl_spaces_wf(
         Partial-volume corrected maps (with ``pvc``).
     xfm_targets, xfm_files
         The ASL reference's registration transforms (ITK), by target.
+    xfm_records
+        T1w-free: each target's registration record, in that order.
     """
-    templates = sorted({s.name for s in spaces if s.is_template})
-    template_of = {s.label: s.name for s in spaces if s.is_template}
+    # one registration per template and cohort (X or X+N), whatever the resolutions
+    templates = sorted({s.template_key for s in spaces if s.is_template})
+    template_of = {s.label: s.template_key for s in spaces if s.is_template}
     priors = next(
         (files for label, files in template_files.items()
          if all(r in files for r in ("GM", "WM"))),
@@ -256,7 +260,7 @@ def init_asl_spaces_wf(
         IdentityInterface(
             fields=[
                 "resampled", "tissue_metadata", "pvc_metadata", "coregistration_metadata",
-                "cbf_pvgm", "cbf_pvwm", "xfm_targets", "xfm_files",
+                "cbf_pvgm", "cbf_pvwm", "xfm_targets", "xfm_files", "xfm_records",
             ]
         ),
         name="outputnode",
@@ -265,7 +269,7 @@ def init_asl_spaces_wf(
         {
             "label": s.label,
             "grid": t1w_grid if not s.is_template else template_files[s.label]["T1w"],
-            "template": s.name if s.is_template else None,
+            "template": s.template_key if s.is_template else None,
             "record": dict(space_records.get(s.label, {})),
         }
         for s in spaces
@@ -296,6 +300,8 @@ def init_asl_spaces_wf(
         tissue_source = "T1w segmentation"
     else:
         matrices = pe.Node(Merge(len(templates)), name="template_matrices")
+        # each template's registration record goes with that template's outputs
+        align_records = pe.Node(Merge(len(templates)), name="align_records")
         outputnode.inputs.xfm_targets = list(templates)
         for index, template in enumerate(templates, start=1):
             label = next(lbl for lbl, name in template_of.items() if name == template)
@@ -307,17 +313,22 @@ def init_asl_spaces_wf(
                     seed=seed,
                     source_file=source_file,
                 ),
-                name=f"align_{template}",
+                name="align_" + re.sub(r"\W", "_", template),
             )
             workflow.connect([
                 (inputnode, align, [("reference", "reference_file"),
                                     ("asl_mask", "asl_mask_file")]),
                 (align, matrices, [("matrix_file", f"in{index}")]),
                 (align, xfm_files, [("xfm_file", f"in{index}")]),
+                (align, align_records, [("record", f"in{index}")]),
             ])  # fmt: skip
-            if index == 1:
+            if index == 1:  # the native maps' sidecars: the first template's registration
                 workflow.connect([(align, outputnode, [("record", "coregistration_metadata")])])
-        workflow.connect([(matrices, resample, [("out", "template_to_asl")])])
+        workflow.connect([
+            (matrices, resample, [("out", "template_to_asl")]),
+            (align_records, resample, [("out", "coregistrations")]),
+            (align_records, outputnode, [("out", "xfm_records")]),
+        ])  # fmt: skip
         if priors is not None:
             label = next(lbl for lbl, f in template_files.items() if f is priors)
             to_asl = pe.Node(
