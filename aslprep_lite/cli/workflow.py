@@ -174,11 +174,8 @@ def prepare_spaces(settings: Settings, runs: Sequence[AslRun]):
     """The template files and records of the output spaces, and each participant's anatomy.
 
     Returns the :class:`~aslprep_lite.workflows.base.SpaceResources` and the runs that cannot
-    go on, ``(asl_file, reason)``: a participant whose ``--anat-derivatives`` folder lacks a
-    file fails with one line, the others go on.
+    go on, ``(asl_file, reason)``, as :func:`decide_anatomy` decides them.
     """
-    from aslprep_lite.bids.anat_derivatives import find_precomputed_anatomy
-    from aslprep_lite.errors import AslprepError
     from aslprep_lite.spaces import anatomy_template_files, check_templates
     from aslprep_lite.templates import template_provenance
     from aslprep_lite.workflows.base import SpaceResources
@@ -194,6 +191,51 @@ def prepare_spaces(settings: Settings, runs: Sequence[AslRun]):
         for space in spaces
         if space.is_template
     }
+    precomputed, failures = decide_anatomy(settings, runs)
+    preprocess = settings.execution.anat_derivatives is None and any(r.t1w_file for r in runs)
+    resources = SpaceResources(
+        spaces=tuple(spaces),
+        template_files={k: {r: str(p) for r, p in v.items()} for k, v in template_files.items()},
+        space_records=records,
+        anatomy_template_files=(
+            {k: str(v) for k, v in anatomy_template_files().items()} if preprocess else None
+        ),
+        precomputed=precomputed,
+    )
+    return resources, failures
+
+
+def decide_anatomy(settings: Settings, runs: Sequence[AslRun], *, check_files: bool = True):
+    """Each participant's anatomical reference, and the runs that cannot go on.
+
+    The one place these decisions are made, for a run and for ``--dry-run`` alike:
+
+    * ``--anat-derivatives``: the participant's reused anatomy becomes its runs' T1w
+      (``run.t1w_file`` is set to it); a participant whose folder lacks a file fails with one
+      line, the others go on; one without a T1w in the raw data either is processed T1w-free,
+      with a warning.
+    * ``--m0-calibration csf|wm`` without ``--m0-reference-mask`` needs a T1w to segment: a
+      run without one is refused.
+
+    Parameters
+    ----------
+    settings
+        The run's settings.
+    runs
+        The validated runs (their ``t1w_file`` is updated in place).
+    check_files
+        Read the reused images and transforms in full; ``--dry-run`` passes False (files are
+        found by name only, nothing heavy is read).
+
+    Returns
+    -------
+    tuple
+        ``{subject: PrecomputedAnatomy}`` and ``[(asl_file, reason)]`` of the refused runs.
+    """
+    from aslprep_lite.bids.anat_derivatives import find_precomputed_anatomy
+    from aslprep_lite.errors import AslprepError
+
+    spaces = settings.outputs.output_spaces
     precomputed, failures = {}, []
     anat_dir = settings.execution.anat_derivatives
     for subject in sorted({run.subject for run in runs}):
@@ -207,7 +249,9 @@ def prepare_spaces(settings: Settings, runs: Sequence[AslRun]):
             if s.is_template
         }
         try:
-            found = find_precomputed_anatomy(anat_dir, subject, sorted(asked.values()))
+            found = find_precomputed_anatomy(
+                anat_dir, subject, sorted(asked.values()), check_files=check_files
+            )
             precomputed[subject] = replace(
                 found,
                 to_template={name: found.to_template[key] for name, key in asked.items()},
@@ -224,25 +268,17 @@ def prepare_spaces(settings: Settings, runs: Sequence[AslRun]):
             if run.subject == subject:
                 run.t1w_file = str(precomputed[subject].t1w)
     options = settings.quantification
+    failed = {f for f, _ in failures}
     for run in runs:
         if (
-            run.has_deltam
+            run.asl_file not in failed
+            and run.has_deltam
             and options.m0_calibration != "voxel"
             and not options.m0_reference_mask
             and run.t1w_file is None
         ):
             failures.append((run.asl_file, reference_region_problem(run, options.m0_calibration)))
-    preprocess = anat_dir is None and any(run.t1w_file for run in runs)
-    resources = SpaceResources(
-        spaces=tuple(spaces),
-        template_files={k: {r: str(p) for r, p in v.items()} for k, v in template_files.items()},
-        space_records=records,
-        anatomy_template_files=(
-            {k: str(v) for k, v in anatomy_template_files().items()} if preprocess else None
-        ),
-        precomputed=precomputed,
-    )
-    return resources, failures
+    return precomputed, failures
 
 
 def _report_quality_warnings(output_dir: Path, run: AslRun) -> None:
