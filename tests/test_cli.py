@@ -514,6 +514,7 @@ def test_reference_region_calibration(processed, tmp_path):
     assert result.returncode == 0, result.stderr
     perf = tmp_path / "out" / "sub-pcasl" / "perf"
     region = json.loads((perf / "sub-pcasl_cbf.json").read_text())["M0"]["ReferenceRegion"]
+    assert region["Source"] == str(mask_file)
     te, tr = region["EchoTime"], region["RepetitionTime"]
     signal = truth.m0[reference > 0].mean()  # the M0 was written fully relaxed (TR 6 s)
     assert region["MeanSignal"] == pytest.approx(signal, rel=0.01)

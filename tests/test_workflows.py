@@ -345,6 +345,9 @@ def test_graph_spaces_branches(runs, space_resources, t1w, calibration, spaces, 
     assert (prefix + "spaces_wf.align_MNI152NLin2009aSym" in nodes) == (templates and not t1w)
     assert (prefix + "spaces_wf.tissue_cbf" in nodes) == (t1w or templates)
     assert (prefix + "reference_region" in nodes) == (t1w and calibration == "csf")
+    if t1w and calibration == "csf":  # the CBF sidecar says where the region came from
+        prepare = workflow.get_node(prefix + "m0_wf.prepare_m0")
+        assert prepare.inputs.reference_source == "T1w segmentation (pCSF > 0.9 on the ASL grid)"
     text = " ".join(collect_boilerplate(workflow))
     assert ("normalized to the MNI152NLin2009aSym template" in text) == t1w
     assert ("No T1w image was available" in text) == (templates and not t1w)
@@ -419,3 +422,61 @@ def test_two_cohorts_of_one_template_are_two_normalizations(runs, space_resource
     assert ("out", "xfm_records") in graph.get_edge_data(records, outputnode)["connect"]
     assert resample.inputs.templates == ["Kid+1", "Kid+2"]
     assert [s["template"] for s in resample.inputs.spaces] == ["Kid+1", "Kid+2"]
+
+
+def test_reused_anatomy_is_named_in_the_sidecars(runs, space_resources, tmp_path):
+    """--anat-derivatives: every sidecar of the run names the folder and the files it uses;
+    the T1w and template spaces name the reused T1w and transform."""
+    from dataclasses import replace
+
+    from aslprep_lite.bids.anat_derivatives import PrecomputedAnatomy
+    from aslprep_lite.config import ExecutionOptions, OutputOptions, Settings
+    from aslprep_lite.workflows.base import init_aslprep_lite_wf
+
+    deriv = tmp_path / "smriprep"
+    anat = deriv / "sub-separate" / "anat"
+    anat.mkdir(parents=True)
+
+    def placeholder(name: str) -> Path:
+        path = anat / f"sub-separate_{name}"
+        path.touch()
+        return path
+
+    tpl = "MNI152NLin2009aSym"
+    precomputed = PrecomputedAnatomy(
+        source=deriv,
+        t1w=placeholder("desc-preproc_T1w.nii.gz"),
+        mask=placeholder("desc-brain_mask.nii.gz"),
+        dseg=placeholder("dseg.nii.gz"),
+        probseg={t: placeholder(f"label-{t}_probseg.nii.gz") for t in ("GM", "WM", "CSF")},
+        to_template={tpl: placeholder(f"from-T1w_to-{tpl}_mode-image_xfm.h5")},
+        from_template={tpl: placeholder(f"from-{tpl}_to-T1w_mode-image_xfm.h5")},
+        dseg_labels={1: "GM", 2: "WM", 3: "CSF"},
+    )
+    run = replace(runs["separate"], t1w_file=str(precomputed.t1w))
+    resources = replace(space_resources, precomputed={"separate": precomputed})
+    settings = Settings(
+        execution=ExecutionOptions(bids_dir=tmp_path, work_dir=tmp_path / "w"),
+        quantification=QuantificationOptions(),
+        outputs=OutputOptions(output_dir=tmp_path / "o", output_spaces=resources.spaces),
+    )
+    workflow = init_aslprep_lite_wf(settings, [run], resources)
+    prefix = "sub_separate_wf.asl_sub_separate."
+    parameters = workflow.get_node(prefix + "outputs_wf.write_derivatives").inputs.parameters
+    folder = "sub-separate/anat/sub-separate_"
+    assert parameters["AnatDerivatives"] == {
+        "Folder": str(deriv),
+        "Files": [
+            f"{folder}desc-preproc_T1w.nii.gz", f"{folder}desc-brain_mask.nii.gz",
+            f"{folder}dseg.nii.gz", f"{folder}label-CSF_probseg.nii.gz",
+            f"{folder}label-GM_probseg.nii.gz", f"{folder}label-WM_probseg.nii.gz",
+            f"{folder}from-T1w_to-{tpl}_mode-image_xfm.h5",
+            f"{folder}from-{tpl}_to-T1w_mode-image_xfm.h5",
+        ],
+    }  # fmt: skip
+    records = {
+        space["label"]: space["record"]
+        for space in workflow.get_node(prefix + "spaces_wf.resample").inputs.spaces
+    }
+    assert records["T1w"]["Reference"] == str(precomputed.t1w)
+    assert records[f"{tpl}:res-2"]["Transforms"][1] == str(precomputed.to_template[tpl])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from nipype.interfaces.utility import IdentityInterface
@@ -60,6 +61,7 @@ def init_asl_wf(
     template_files: Mapping[str, Mapping[str, str]] | None = None,
     space_records: Mapping[str, dict] | None = None,
     t1w_grid: str | None = None,
+    anat_derivatives: Mapping[str, Any] | None = None,
 ):
     """One ASL run, from the raw series to its derivatives.
 
@@ -75,6 +77,9 @@ def init_asl_wf(
         Files and sidecar blocks of the template spaces, by label.
     t1w_grid
         A file on the participant's T1w grid.
+    anat_derivatives
+        With ``--anat-derivatives``: ``{"Folder", "Files"}``, the folder and the files of it
+        the run uses, recorded in ``ProcessingParameters.AnatDerivatives`` of every sidecar.
 
     Inputs
     ------
@@ -128,9 +133,12 @@ def init_asl_wf(
         prefix=run.prefix,
         keys=[d.key for d in planned_derivatives(run, options)],
         sources=run.source_files,
-        parameters=options.sidecar_record(
-            multidelay=run.is_multidelay, anatomy=run.t1w_file is not None and run.has_deltam
-        ),
+        parameters={
+            **options.sidecar_record(
+                multidelay=run.is_multidelay, anatomy=run.t1w_file is not None and run.has_deltam
+            ),
+            **({"AnatDerivatives": dict(anat_derivatives)} if anat_derivatives else {}),
+        },
     )
     workflow.connect([
         (load, hmc_wf, [("out_file", "inputnode.asl_file")]),
