@@ -110,6 +110,13 @@ def run_participants(settings: Settings, runs: Sequence[AslRun]) -> list[tuple[s
             raise
     messages = crash_messages(crash_dir)
     output_dir = settings.outputs.output_dir
+    for subject in sorted({run.subject for run in runs}):
+        anat = f".{subject_workflow_name(subject)}.anat_wf."
+        if any(anat in f".{node}." for node in messages):
+            if settings.execution.anat_derivatives is None:  # else nothing is written there
+                _remove_anatomy(settings, subject)  # no anat/ left of a failed anatomy
+        else:
+            _report_anatomy_warnings(output_dir, subject)
     for run in runs:
         _report_quality_warnings(output_dir, run)
         name = run_workflow_name(run)
@@ -279,6 +286,41 @@ def decide_anatomy(settings: Settings, runs: Sequence[AslRun], *, check_files: b
         ):
             failures.append((run.asl_file, reference_region_problem(run, options.m0_calibration)))
     return precomputed, failures
+
+
+def _remove_anatomy(settings: Settings, subject: str) -> None:
+    """Remove a participant's anatomical derivatives after its anatomy failed.
+
+    The anatomy is written in one move, after every step succeeded, so a failure leaves none
+    of this run's files; but the files of an earlier run in the same output folder would
+    stay, and no longer match what the participant's runs used. Only the files aslprep_lite
+    writes there are removed (and the folder, if nothing else is left in it).
+    """
+    from aslprep_lite.bids.derivatives import planned_anatomy_paths
+
+    output_dir = settings.outputs.output_dir
+    for path in planned_anatomy_paths(subject, settings.outputs.output_spaces):
+        for name in (path, path.rsplit(".nii.gz", 1)[0].rsplit(".h5", 1)[0] + ".json"):
+            (output_dir / name).unlink(missing_ok=True)
+    folder = output_dir / f"sub-{subject}" / "anat"
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _report_anatomy_warnings(output_dir: Path, subject: str) -> None:
+    """Print the warnings of a participant's normalizations (sidecars of its anat/ files)."""
+    from aslprep_lite.bids.derivatives import anatomy_prefix
+
+    prefix = output_dir / anatomy_prefix(subject)
+    sidecars = [Path(f"{prefix}_desc-preproc_T1w.json")]
+    sidecars += sorted(prefix.parent.glob(f"{prefix.name}_from-T1w_to-*_xfm.json"))
+    seen = set()
+    for sidecar in sidecars:
+        if sidecar.is_file():
+            warning = json.loads(sidecar.read_text()).get("Normalization", {}).get("Warning")
+            if warning and warning not in seen:
+                seen.add(warning)
+                LOGGER.warning("%s: %s", sidecar, warning)
 
 
 def _report_quality_warnings(output_dir: Path, run: AslRun) -> None:

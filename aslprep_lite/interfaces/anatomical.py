@@ -128,6 +128,7 @@ class _T1wFilesOutputSpec(TraitedSpec):
 class _AnatomyOutputSpec(_T1wFilesOutputSpec):
     to_template = File(exists=True, desc="deformation: T1w points -> template points")
     to_t1w = File(exists=True, desc="deformation: template points -> T1w points")
+    normalization = traits.Dict(desc="the normalization's record (its transforms' sidecars)")
 
 
 class _PreprocessInputSpec(BaseInterfaceInputSpec):
@@ -160,6 +161,12 @@ class PreprocessT1w(_NamedFailures):
         for name, prob in zip(_TISSUE_FILES, result.probseg, strict=True):
             out[name] = _save(prob, affine, os.path.join(cwd, f"{name}.nii.gz"))
         _save_normalization(result.normalization, cwd, out)
+        normalization = _normalization_record(
+            self.inputs.template,
+            result.metrics["NormalizationCorrelation"],
+            self.inputs.t1w_file,
+        )
+        out["normalization"] = normalization
         out["record"] = {
             "SkullStripped": False,
             "BiasFieldCorrection": "N4 (SimpleITK; Tustison et al. 2010)",
@@ -167,9 +174,7 @@ class PreprocessT1w(_NamedFailures):
             "T1w through the normalization",
             "Segmentation": "three-class Gaussian mixture (EM) with template tissue priors",
             "BrainVolume": round(result.metrics["BrainVolume"], 1),
-            "Normalization": _normalization_record(
-                self.inputs.template, result.metrics["NormalizationCorrelation"]
-            ),
+            "Normalization": normalization,
         }
         return runtime
 
@@ -181,13 +186,44 @@ def _save_normalization(norm: anat.Normalization, cwd: str, out: dict) -> None:
     out["to_t1w"] = os.path.join(cwd, "to_t1w.nii.gz")
 
 
-def _normalization_record(template: str, correlation: float) -> dict:
-    return {
+#: Quality gate of a normalization, on the correlation of the normalized T1w with the template
+#: (:func:`~aslprep_lite.quant.anatomy.normalization_correlation`). Measured with
+#: ``preprocess_t1w`` on 2 mm T1w images of :mod:`aslprep_lite.synthetic_anatomy`: good
+#: normalizations 0.90, 0.90, 0.89 (seeds 0, 7, 3; the example and our synthetic participants
+#: about 0.9 too); uniform noise 0.02 (0.16 for the noise T1w of the last session's report);
+#: the seed-0 T1w drowned in Gaussian noise (sigma 30 % of its maximum) 0.62, blurred by a
+#: 3-voxel Gaussian 0.56, replaced by smoothed noise inside its head 0.52. So: below 0.5 the
+#: image is not a T1w head scan the template can be matched to, and the participant fails
+#: rather than write misplaced outputs; from 0.5 to 0.8, a degraded image whose normalization
+#: may be off (a warning); good normalizations keep a margin of 0.09 above 0.8.
+NORMALIZATION_FAILED_CORRELATION = 0.5
+NORMALIZATION_CORRELATION = 0.8
+
+
+def _normalization_record(template: str, correlation: float, t1w_file: str) -> dict:
+    """The record of one normalization, gated on its correlation with the template."""
+    if correlation < NORMALIZATION_FAILED_CORRELATION:
+        raise AslprepError(
+            f"normalization of the T1w to {template} failed (correlation of the normalized "
+            f"T1w with the template {correlation:.2f} < {NORMALIZATION_FAILED_CORRELATION}): "
+            "check that the image is a T1w head scan, or leave it out with "
+            '--bids-filter-file (e.g. {"t1w": {"acquisition": "none"}})',
+            path=t1w_file,
+        )
+    record = {
         "Template": template,
         "Method": "affine (SimpleITK, Mattes mutual information) then symmetric "
         "diffeomorphic registration (dipy SyN, cross-correlation; Avants et al. 2008)",
         "Correlation": round(correlation, 4),
+        "CorrelationThreshold": NORMALIZATION_CORRELATION,
     }
+    if correlation < NORMALIZATION_CORRELATION:
+        record["Warning"] = (
+            f"normalization of the T1w to {template} may have failed (correlation with the "
+            f"template {correlation:.2f} < {NORMALIZATION_CORRELATION}): check the outputs in "
+            "template space"
+        )
+    return record
 
 
 class _NormalizeInputSpec(_SourceInputSpec):
@@ -218,7 +254,9 @@ class NormalizeT1w(_NamedFailures):
         norm = anat.normalize(t1w, affine, template, seed=self.inputs.seed, subject_mask=mask)
         _save_normalization(norm, runtime.cwd, self._results)
         correlation = anat.normalization_correlation(t1w * mask, affine, norm, template)
-        self._results["record"] = _normalization_record(self.inputs.template, correlation)
+        self._results["record"] = _normalization_record(
+            self.inputs.template, correlation, self.inputs.source_file
+        )
         return runtime
 
 

@@ -190,6 +190,7 @@ class _WriteAnatomyInputSpec(BaseInterfaceInputSpec):
     templates = traits.List(traits.Str, desc="templates the T1w was normalized to")
     forward_xfms = traits.List(File(exists=True), desc="from-T1w_to-<template>, in order")
     inverse_xfms = traits.List(File(exists=True), desc="from-<template>_to-T1w, in order")
+    normalizations = traits.List(traits.Dict, desc="each normalization's record, in order")
 
 
 for _derivative in ANAT_DERIVATIVES:
@@ -207,11 +208,14 @@ class WriteAnatomy(SimpleInterface):
         records = {"anatomy": inputs.record}
         files = [(ANAT_BY_KEY[d.key], getattr(inputs, d.key), records) for d in ANAT_DERIVATIVES]
         templates = inputs.templates if isdefined(inputs.templates) else []
-        for template, forward, inverse in zip(
-            templates, inputs.forward_xfms or [], inputs.inverse_xfms or [], strict=True
+        normalizations = inputs.normalizations if isdefined(inputs.normalizations) else []
+        for index, (template, forward, inverse) in enumerate(
+            zip(templates, inputs.forward_xfms or [], inputs.inverse_xfms or [], strict=True)
         ):
             to_template, from_template = template_transforms(template)
-            files += [(to_template, forward, {}), (from_template, inverse, {})]
+            # every normalization's record (the second template's too) beside its transforms
+            own = {"anatomy": {"Normalization": normalizations[index]}} if normalizations else {}
+            files += [(to_template, forward, own), (from_template, inverse, own)]
         provenance = {
             "Sources": list(inputs.sources),
             "ProcessingParameters": {
