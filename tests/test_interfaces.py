@@ -272,3 +272,44 @@ def test_each_template_output_carries_its_own_registration(tmp_path):
     assert dice("sub-01_space-B_cohort-2_res-2_cbf.json") == 0.7
     assert dice("sub-01_from-aslref_to-A_mode-image_xfm.json") == 0.9
     assert dice("sub-01_from-aslref_to-B+2_mode-image_xfm.json") == 0.7
+
+
+def test_coregistration_failure_names_the_bids_file(tmp_path):
+    """A T1w brain far smaller than the ASL brain cannot match it (Dice < 0.5): the line
+    names the run's BIDS file (its M0 scan), not the reference in the work directory."""
+    import nibabel as nb
+    import pytest
+
+    from aslprep_lite.errors import AslprepError
+    from aslprep_lite.interfaces.anatomical import CoregisterAsl
+
+    def ball(shape, zoom, radius_mm):
+        ijk = np.indices(shape).transpose(1, 2, 3, 0)
+        centre = (np.asarray(shape) - 1) / 2
+        inside = np.linalg.norm((ijk - centre) * zoom, axis=-1) < radius_mm
+        affine = np.diag([zoom, zoom, zoom, 1.0])
+        affine[:3, 3] = -centre * zoom
+        return inside, affine
+
+    asl, asl_affine = ball((24, 24, 24), 3.0, 30.0)
+    t1w, t1w_affine = ball((48, 48, 48), 2.0, 18.0)  # Dice about 2 * 0.216 / 1.216
+    files = {}
+    for name, data, affine in (
+        ("reference", asl * 1000.0, asl_affine), ("asl_mask", asl, asl_affine),
+        ("t1w", t1w * 500.0, t1w_affine), ("t1w_mask", t1w, t1w_affine),
+    ):  # fmt: skip
+        files[name] = tmp_path / f"{name}.nii.gz"
+        nb.save(nb.Nifti1Image(data.astype(np.float32), affine), files[name])
+    m0 = "/data/bids/sub-01/perf/sub-01_m0scan.nii.gz"
+    node = CoregisterAsl(
+        reference_file=str(files["reference"]), asl_mask_file=str(files["asl_mask"]),
+        t1w_file=str(files["t1w"]), t1w_mask_file=str(files["t1w_mask"]),
+        reference_name="M0", seed=1, source_file=m0,
+    )  # fmt: skip
+    with pytest.raises(AslprepError) as caught:
+        node.run(cwd=str(tmp_path))
+    message = str(caught.value)
+    assert message.startswith(f"{m0}: ASL to T1w coregistration failed (Dice of the brain "), (
+        message
+    )
+    assert "check that the T1w is this participant's and covers the brain" in message
