@@ -386,7 +386,10 @@ def test_two_cohorts_of_one_template_are_two_normalizations(runs, space_resource
         space_resources,
         spaces=spaces,
         template_files=files,
-        space_records={label: {"Template": "Kid", "Cohort": label[10]} for label in files},
+        space_records={
+            label: {"Template": "Kid", "Cohort": label.split(":")[1].removeprefix("cohort-")}
+            for label in files
+        },
     )
     settings = Settings(
         execution=ExecutionOptions(bids_dir=tmp_path, work_dir=tmp_path / "w"),
