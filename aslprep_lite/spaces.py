@@ -134,6 +134,16 @@ class Space:
         return entities
 
     @property
+    def template_key(self) -> str:
+        """The template with its cohort, as transforms name it: ``X``, or ``X+N`` for cohort N.
+
+        sMRIPrep joins the cohort with ``+`` (``from-T1w_to-MNIPediatricAsym+2``); the
+        resolution does not change a transform, so two resolutions of one template and cohort
+        share one normalization, and two cohorts of one template do not.
+        """
+        return f"{self.name}+{self.cohort}" if self.cohort is not None else self.name
+
+    @property
     def label(self) -> str:
         """The command-line spelling, e.g. ``MNI152NLin2009cAsym:res-2``."""
         modifiers = [f"{key}-{value}" for key, value in self.entities.items() if key != "space"]
@@ -282,7 +292,7 @@ def _template_files(space: Space) -> dict[str, Path]:
     """The files of one template space, by role (see :func:`check_templates`)."""
     from aslprep_lite.templates import _client, configure_templateflow, get_template
 
-    home = configure_templateflow()
+    home = configure_templateflow(space.name)
     _check_cohort(space, home)
     base: dict[str, Any] = {} if space.cohort is None else {"cohort": int(space.cohort)}
     resolution = int(space.resolution or DEFAULT_RESOLUTION)

@@ -442,7 +442,7 @@ def _move_into_place(staging: Path, target: Path, stamp: dict[str, Any]) -> None
 # ----------------------------------------------------------------------- TemplateFlow's config
 
 
-def configure_templateflow() -> Path:
+def configure_templateflow(template: str | None = None) -> Path:
     """Point TemplateFlow at the right home, offline, before ``templateflow`` is imported.
 
     templateflow reads ``TEMPLATEFLOW_HOME`` and ``TEMPLATEFLOW_AUTOUPDATE`` once, when
@@ -460,6 +460,12 @@ def configure_templateflow() -> Path:
 
     ``TEMPLATEFLOW_AUTOUPDATE`` is set to ``0`` either way: templateflow 25.x then never
     overwrites what is in the home.
+
+    Parameters
+    ----------
+    template
+        The template the caller is about to look for: an empty home's error names it and its
+        pre-fetch command.
 
     Returns
     -------
@@ -485,10 +491,16 @@ def configure_templateflow() -> Path:
                 path=str(home),
             )
         if not any(home.iterdir()):
+            # the template asked for is named with its pre-fetch command: the user's next step
+            wanted = (
+                f"; template {template} is needed: {_PREFETCH.format(template=template)}"
+                if template
+                else ""
+            )
             raise AslprepError(
                 "TEMPLATEFLOW_HOME is empty (a bind mount that did not happen?): point it at a "
                 "pre-fetched TemplateFlow folder, or unset it to use the embedded "
-                f"{EMBEDDED_TEMPLATE}",
+                f"{EMBEDDED_TEMPLATE}{wanted}",
                 path=str(home),
             )
         return home
@@ -561,7 +573,7 @@ def get_template(template: str, **entities: Any) -> Path:
         several files match, or when the file is only listed (not downloaded) and cannot be
         fetched. A template that is not in the home is never looked for on the network.
     """
-    home = configure_templateflow()
+    home = configure_templateflow(template)
     client = _client(home)
     shown = _query_text(entities)
     query = {"desc": None, "extension": [".nii.gz", ".nii"], **entities}

@@ -208,4 +208,8 @@ def test_reused_anatomy_gives_the_same_maps(truth, with_t1w):
     assert np.abs(again - first).max() < 0.05  # mL/100 g/min
     assert not (out / "sub-01" / "anat").exists()
     sidecar = json.loads((out / "sub-01" / "perf" / name.replace(".nii.gz", ".json")).read_text())
-    assert "--anat-derivatives" in sidecar["SpatialReference"]["Transforms"][-1]
+    # the reused transform is named by its path, and the folder in every sidecar
+    reused = root / "out" / "sub-01" / "anat" / f"sub-01_from-T1w_to-{TEMPLATE}_mode-image_xfm.h5"
+    assert Path(sidecar["SpatialReference"]["Transforms"][-1]).resolve() == reused.resolve()
+    folder = sidecar["ProcessingParameters"]["AnatDerivatives"]["Folder"]
+    assert Path(folder).resolve() == (root / "out").resolve()

@@ -521,6 +521,7 @@ def test_reference_region_calibration(processed, tmp_path):
     assert result.returncode == 0, result.stderr
     perf = tmp_path / "out" / "sub-pcasl" / "perf"
     region = json.loads((perf / "sub-pcasl_cbf.json").read_text())["M0"]["ReferenceRegion"]
+    assert region["Source"] == str(mask_file)
     te, tr = region["EchoTime"], region["RepetitionTime"]
     signal = truth.m0[reference > 0].mean()  # the M0 was written fully relaxed (TR 6 s)
     assert region["MeanSignal"] == pytest.approx(signal, rel=0.01)
@@ -615,3 +616,62 @@ def test_unbalanced_series_quantified_without_the_unpaired_volume(tmp_path):
     cbf = nb.load(out / "sub-01_cbf.nii.gz").get_fdata()
     gm = truth.gm_mask
     assert cbf[gm].mean() == pytest.approx(truth.cbf[gm].mean(), rel=GM_TOLERANCE)
+
+
+def _anat_placeholders(folder: Path, subject: str, skip: str | None = None) -> None:
+    """An sMRIPrep-like anat/ folder of empty files (a dry run opens none of them)."""
+    names = [
+        "desc-preproc_T1w.nii.gz", "desc-brain_mask.nii.gz", "dseg.nii.gz",
+        *(f"label-{t}_probseg.nii.gz" for t in ("GM", "WM", "CSF")),
+        "from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.h5",
+        "from-MNI152NLin2009aSym_to-T1w_mode-image_xfm.h5",
+    ]  # fmt: skip
+    anat = folder / f"sub-{subject}" / "anat"
+    anat.mkdir(parents=True)
+    for name in names:
+        if skip is None or skip not in name:
+            (anat / f"sub-{subject}_{name}").write_bytes(b"")
+
+
+def test_dry_run_applies_the_anatomy_decisions(tmp_path):
+    """--dry-run decides as a run does before its graph: the reused T1w of --anat-derivatives
+    (nothing planned in anat/), a participant whose folder lacks a file fails, and so does
+    reference-region calibration without a mask or a T1w. No image is opened."""
+    bids = tmp_path / "bids"
+    write_dataset(bids, [SyntheticSpec(subject=s, n_pairs=2) for s in ("reuse", "nogm", "free")])
+    for subject in ("reuse", "nogm"):  # raw T1w files: the dry run does not read them
+        (bids / f"sub-{subject}" / "anat").mkdir()
+        (bids / f"sub-{subject}" / "anat" / f"sub-{subject}_T1w.nii.gz").write_bytes(b"")
+    deriv = tmp_path / "smriprep"
+    deriv.mkdir()
+    (deriv / "dataset_description.json").write_text(
+        json.dumps({"Name": "x", "BIDSVersion": "1.9.0", "DatasetType": "derivative"})
+    )
+    _anat_placeholders(deriv, "reuse")
+    _anat_placeholders(deriv, "nogm", skip="label-GM")
+    out = tmp_path / "out"
+    result = run_cli(
+        str(bids), str(out), "participant", "--dry-run", "--anat-derivatives", str(deriv),
+        "--m0-calibration", "csf",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert not out.exists()
+    plan = json.loads(result.stdout)
+    runs = {run["subject"]: run for run in plan["runs"]}
+    assert set(runs) == {"reuse"}
+    anatomy = runs["reuse"]["anatomy"]
+    reused_t1w = deriv / "sub-reuse" / "anat" / "sub-reuse_desc-preproc_T1w.nii.gz"
+    assert anatomy["t1w"] == str(reused_t1w.resolve())
+    assert anatomy["anat_derivatives"] == str(deriv.resolve())
+    assert not [p for p in runs["reuse"]["outputs"] if "/anat/" in p]
+    failures = {Path(f["asl_file"]).name: f["error"] for f in plan["failures"]}
+    assert set(failures) == {"sub-nogm_asl.nii.gz", "sub-free_asl.nii.gz"}
+    assert failures["sub-nogm_asl.nii.gz"].startswith(
+        f"{deriv.resolve() / 'sub-nogm' / 'anat'}: no sub-nogm_label-GM_probseg.nii[.gz] "
+        "(GM probability map)"
+    )
+    assert failures["sub-free_asl.nii.gz"] == (
+        f"{bids / 'sub-free' / 'perf' / 'sub-free_asl.nii.gz'}: --m0-calibration csf needs "
+        "--m0-reference-mask FILE (a CSF mask on the ASL grid) or a T1w image of the "
+        "participant to segment"
+    )

@@ -175,3 +175,141 @@ def test_sidecars_composed_from_the_output_spec():
     }
     confounds = compose_sidecar(BY_KEY["confounds"], records, provenance)
     assert confounds["framewise_displacement"] == {"Units": "mm"}
+
+
+def test_anatomy_crash_names_the_bids_t1w(tmp_path):
+    """SimpleITK's N4 refuses a 3-voxel T1w: the line names the T1w, not a work file."""
+    import nibabel as nb
+    import pytest
+
+    from aslprep_lite.errors import AslprepError
+    from aslprep_lite.interfaces.anatomical import PreprocessT1w
+    from aslprep_lite.spaces import anatomy_template_files
+
+    t1w = tmp_path / "sub-01_T1w.nii.gz"
+    data = np.random.default_rng(0).random((3, 3, 3)).astype(np.float32)
+    nb.save(nb.Nifti1Image(data, np.eye(4)), t1w)
+    node = PreprocessT1w(
+        t1w_file=str(t1w),
+        template="MNI152NLin2009aSym",
+        template_files={k: str(v) for k, v in anatomy_template_files().items()},
+        seed=1,
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(AslprepError) as caught:
+        node.run(cwd=str(work))
+    message = str(caught.value)
+    assert message.startswith(
+        f"{t1w}: T1w preprocessing (N4, normalization, segmentation) failed (RuntimeError: "
+    ), message
+    assert message.endswith(
+        "check that the image holds a whole head at a usual resolution (details in the crash "
+        "file of the working directory)"
+    ), message
+    assert "\n" not in message
+
+
+def test_run_node_failure_names_the_bids_file_not_the_work_file(tmp_path):
+    """An AslprepError about a work-directory file (here the tissue maps on the ASL grid) is
+    re-issued naming the run's BIDS file, the reason unchanged."""
+    import nibabel as nb
+    import pytest
+
+    from aslprep_lite.errors import AslprepError
+    from aslprep_lite.interfaces.anatomical import ReferenceRegionFromTissue
+
+    tissue = tmp_path / "tissue_asl.nii.gz"
+    nb.save(nb.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)), tissue)
+    asl = "/data/bids/sub-01/perf/sub-01_asl.nii.gz"
+    node = ReferenceRegionFromTissue(tissue_file=str(tissue), tissue="csf", source_file=asl)
+    with pytest.raises(AslprepError) as caught:
+        node.run(cwd=str(tmp_path))
+    assert str(caught.value) == (
+        f"{asl}: only 0 voxels of the ASL grid are pure CSF (fraction > 0.9) in the T1w "
+        "segmentation: too few for --m0-calibration; give --m0-reference-mask or use "
+        "--m0-calibration voxel"
+    )
+
+
+def test_each_template_output_carries_its_own_registration(tmp_path):
+    """T1w-free with two templates: each template's maps and transform carry that template's
+    registration record; the native maps keep the run's (the first template's)."""
+    import json
+
+    import nibabel as nb
+
+    from aslprep_lite.interfaces.outputs import WriteDerivatives
+
+    cbf = tmp_path / "cbf.nii.gz"
+    nb.save(nb.Nifti1Image(np.ones((2, 2, 2), np.float32), np.eye(4)), cbf)
+    xfm = tmp_path / "xfm.txt"
+    xfm.write_text("#Insight Transform File V1.0\n")
+    coreg = {
+        k: {"Coregistration": {"Dice": d, "Template": k}} for k, d in (("A", 0.9), ("B+2", 0.7))
+    }
+    spaces = {"A": "A:res-2", "B+2": "B:cohort-2:res-2"}
+    node = WriteDerivatives(
+        output_dir=str(tmp_path / "out"), out_dir="sub-01/perf", prefix="sub-01",
+        keys=["cbf"], cbf=str(cbf), sources=["bids::x"], parameters={},
+        cbf_metadata={}, m0_metadata={}, confounds_metadata={},
+        coregistration_metadata=coreg["A"],
+        resampled=[
+            {"key": "cbf", "space": spaces[k], "file": str(cbf), "record": {"Template": k},
+             "coregistration": coreg[k]}
+            for k in spaces
+        ],
+        xfm_targets=list(spaces), xfm_files=[str(xfm)] * 2, xfm_records=list(coreg.values()),
+    )  # fmt: skip
+    node.run(cwd=str(tmp_path))
+    perf = tmp_path / "out" / "sub-01" / "perf"
+
+    def dice(name: str) -> float:
+        return json.loads((perf / name).read_text())["Coregistration"]["Dice"]
+
+    assert dice("sub-01_cbf.json") == 0.9
+    assert dice("sub-01_space-A_res-2_cbf.json") == 0.9
+    assert dice("sub-01_space-B_cohort-2_res-2_cbf.json") == 0.7
+    assert dice("sub-01_from-aslref_to-A_mode-image_xfm.json") == 0.9
+    assert dice("sub-01_from-aslref_to-B+2_mode-image_xfm.json") == 0.7
+
+
+def test_coregistration_failure_names_the_bids_file(tmp_path):
+    """A T1w brain far smaller than the ASL brain cannot match it (Dice < 0.5): the line
+    names the run's BIDS file (its M0 scan), not the reference in the work directory."""
+    import nibabel as nb
+    import pytest
+
+    from aslprep_lite.errors import AslprepError
+    from aslprep_lite.interfaces.anatomical import CoregisterAsl
+
+    def ball(shape, zoom, radius_mm):
+        ijk = np.indices(shape).transpose(1, 2, 3, 0)
+        centre = (np.asarray(shape) - 1) / 2
+        inside = np.linalg.norm((ijk - centre) * zoom, axis=-1) < radius_mm
+        affine = np.diag([zoom, zoom, zoom, 1.0])
+        affine[:3, 3] = -centre * zoom
+        return inside, affine
+
+    asl, asl_affine = ball((24, 24, 24), 3.0, 30.0)
+    t1w, t1w_affine = ball((48, 48, 48), 2.0, 18.0)  # Dice about 2 * 0.216 / 1.216
+    files = {}
+    for name, data, affine in (
+        ("reference", asl * 1000.0, asl_affine), ("asl_mask", asl, asl_affine),
+        ("t1w", t1w * 500.0, t1w_affine), ("t1w_mask", t1w, t1w_affine),
+    ):  # fmt: skip
+        files[name] = tmp_path / f"{name}.nii.gz"
+        nb.save(nb.Nifti1Image(data.astype(np.float32), affine), files[name])
+    m0 = "/data/bids/sub-01/perf/sub-01_m0scan.nii.gz"
+    node = CoregisterAsl(
+        reference_file=str(files["reference"]), asl_mask_file=str(files["asl_mask"]),
+        t1w_file=str(files["t1w"]), t1w_mask_file=str(files["t1w_mask"]),
+        reference_name="M0", seed=1, source_file=m0,
+    )  # fmt: skip
+    with pytest.raises(AslprepError) as caught:
+        node.run(cwd=str(tmp_path))
+    message = str(caught.value)
+    assert message.startswith(f"{m0}: ASL to T1w coregistration failed (Dice of the brain "), (
+        message
+    )
+    assert "check that the T1w is this participant's and covers the brain" in message

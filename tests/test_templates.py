@@ -26,6 +26,7 @@ import pytest
 from scipy import ndimage
 
 from aslprep_lite.errors import AslprepError
+from aslprep_lite.spaces import check_templates, parse_space
 from aslprep_lite.templates import (
     EMBEDDED_FILES,
     EMBEDDED_TEMPLATE,
@@ -453,3 +454,21 @@ def test_ambiguous_query_names_the_matches(use_home: Path) -> None:
     assert message.startswith(f"{use_home}: 2 files of template {EMBEDDED_TEMPLATE} match")
     assert "label-GM_probseg" in message and "label-WM_probseg" in message
     assert "\n" not in message
+
+
+def test_empty_user_home_names_the_template_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty home fails before any file is looked for: the template is still named, with
+    the command that pre-fetches it."""
+    user = tmp_path / "mount"
+    user.mkdir()
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(user))
+    with pytest.raises(AslprepError) as caught:
+        check_templates([parse_space("MNI152NLin6Asym:res-2")])
+    message = str(caught.value)
+    assert message.startswith(f"{user}: TEMPLATEFLOW_HOME is empty (a bind mount"), message
+    assert "; template MNI152NLin6Asym is needed: on a machine with internet run" in message
+    assert "tf.get('MNI152NLin6Asym')" in message
+    assert "\n" not in message
+    assert list(user.iterdir()) == []

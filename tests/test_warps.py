@@ -19,6 +19,7 @@ from aslprep_lite.quant.warps import (
     apply_affine,
     coarse_grid,
     grid_points,
+    resample_many,
     resample_through,
     sample,
 )
@@ -335,3 +336,28 @@ def test_coarse_grid_keeps_the_centre(
     fov = np.asarray(shape) * zooms
     new_fov = np.asarray(new_shape) * new_zooms
     assert np.all(new_fov >= fov - 1e-9) and np.all(new_fov - fov < new_zooms)
+
+
+def test_resample_many_maps_the_points_once_with_the_same_values() -> None:
+    """Several images through one deformation: each exactly as sampled at the mapped points
+    one by one, and the deformation evaluated once per slab, not once per image."""
+    images = [_smooth_image(GRID_SHAPE, seed=s) for s in (6, 7, 8)]
+    ref_shape = (15, 17, 12)
+    ref_affine = GRID_AFFINE @ _matrix(np.eye(3), (0.4, 0.3, 0.9))
+    field = _bump_deformation()
+    calls = []
+
+    class Counted(Deformation):
+        def __call__(self, points):
+            calls.append(points.shape)
+            return super().__call__(points)
+
+    counted = Counted(field.coords, field.affine)
+    together = resample_many(images, GRID_AFFINE, counted, ref_shape, ref_affine)
+    assert len(calls) == 1  # one slab here, for the three images
+    moved = field(grid_points(ref_shape, ref_affine))
+    for image, out in zip(images, together, strict=True):
+        np.testing.assert_array_equal(out, sample(image, GRID_AFFINE, moved))
+        np.testing.assert_array_equal(
+            out, resample_through(image, GRID_AFFINE, field, ref_shape, ref_affine)
+        )

@@ -353,6 +353,141 @@ def test_graph_spaces_branches(runs, space_resources, t1w, calibration, spaces, 
     assert (prefix + "spaces_wf.align_MNI152NLin2009aSym" in nodes) == (templates and not t1w)
     assert (prefix + "spaces_wf.tissue_cbf" in nodes) == (t1w or templates)
     assert (prefix + "reference_region" in nodes) == (t1w and calibration == "csf")
+    if t1w and calibration == "csf":  # the CBF sidecar says where the region came from
+        prepare = workflow.get_node(prefix + "m0_wf.prepare_m0")
+        assert prepare.inputs.reference_source == "T1w segmentation (pCSF > 0.9 on the ASL grid)"
     text = " ".join(collect_boilerplate(workflow))
     assert ("normalized to the MNI152NLin2009aSym template" in text) == t1w
     assert ("No T1w image was available" in text) == (templates and not t1w)
+
+
+@pytest.mark.parametrize("t1w", [True, False])
+def test_two_cohorts_of_one_template_are_two_normalizations(runs, space_resources, t1w, tmp_path):
+    """Kid:cohort-1 and Kid:cohort-2 are keyed Kid+1 and Kid+2 (sMRIPrep's names): one
+    normalization (with a T1w) or one registration (T1w-free) each, each T1w-free template
+    output carrying its own template's registration record."""
+    from dataclasses import replace
+
+    import nibabel as nb
+    import numpy as np
+
+    from aslprep_lite.bids.derivatives import planned_anatomy_paths, transform_targets
+    from aslprep_lite.config import ExecutionOptions, OutputOptions, Settings
+    from aslprep_lite.spaces import parse_output_spaces
+    from aslprep_lite.workflows.base import init_aslprep_lite_wf
+
+    t1w_file = tmp_path / "T1w.nii.gz"
+    nb.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)).to_filename(t1w_file)
+    run = replace(runs["separate"], t1w_file=str(t1w_file) if t1w else None)
+    spaces = parse_output_spaces(["asl", "T1w", "Kid:cohort-1", "Kid:cohort-2"])
+    files = {
+        s.label: {
+            r: str(tmp_path / f"{s.template_key}_{r}.nii.gz") for r in ("T1w", "mask", "GM", "WM")
+        }
+        for s in spaces
+        if s.is_template
+    }
+    for template in files.values():  # graph inputs must exist; the graph is not run
+        for path in template.values():
+            Path(path).touch()
+    resources = replace(
+        space_resources,
+        spaces=spaces,
+        template_files=files,
+        space_records={
+            label: {"Template": "Kid", "Cohort": label.split(":")[1].removeprefix("cohort-")}
+            for label in files
+        },
+    )
+    settings = Settings(
+        execution=ExecutionOptions(bids_dir=tmp_path, work_dir=tmp_path / "w"),
+        quantification=QuantificationOptions(),
+        outputs=OutputOptions(output_dir=tmp_path / "o", output_spaces=spaces),
+    )
+    workflow = init_aslprep_lite_wf(settings, [run], resources)
+    nodes = set(workflow.list_node_names())
+    anat = "sub_separate_wf.anat_wf."
+    spaces_wf = workflow.get_node("sub_separate_wf.asl_sub_separate.spaces_wf")
+    assert transform_targets(run, spaces) == (["T1w"] if t1w else ["Kid+1", "Kid+2"])
+    if t1w:
+        for key in ("Kid_1", "Kid_2"):
+            assert f"{anat}normalize_{key}" in nodes and f"{anat}itk_{key}" in nodes
+        assert workflow.get_node(f"{anat}write_anatomy").inputs.templates == ["Kid+1", "Kid+2"]
+        paths = planned_anatomy_paths("01", spaces)
+        assert "sub-01/anat/sub-01_from-T1w_to-Kid+1_mode-image_xfm.h5" in paths
+        assert "sub-01/anat/sub-01_from-Kid+2_to-T1w_mode-image_xfm.h5" in paths
+        assert len([p for p in paths if p.endswith(".h5")]) == 4
+        norm = workflow.get_node(f"{anat}normalize_Kid_2")
+        assert norm.inputs.template_files == files["Kid:cohort-2:res-2"]
+        return
+    align = {k: spaces_wf.get_node(f"align_{k}") for k in ("Kid_1", "Kid_2")}
+    assert align["Kid_1"].inputs.template_files == files["Kid:cohort-1:res-2"]
+    assert align["Kid_2"].inputs.template_files == files["Kid:cohort-2:res-2"]
+    records = spaces_wf.get_node("align_records")
+    graph = spaces_wf._graph
+    assert graph.get_edge_data(align["Kid_1"], records)["connect"] == [("record", "in1")]
+    assert graph.get_edge_data(align["Kid_2"], records)["connect"] == [("record", "in2")]
+    resample = spaces_wf.get_node("resample")
+    assert ("out", "coregistrations") in graph.get_edge_data(records, resample)["connect"]
+    outputnode = spaces_wf.get_node("outputnode")
+    assert ("out", "xfm_records") in graph.get_edge_data(records, outputnode)["connect"]
+    assert resample.inputs.templates == ["Kid+1", "Kid+2"]
+    assert [s["template"] for s in resample.inputs.spaces] == ["Kid+1", "Kid+2"]
+
+
+def test_reused_anatomy_is_named_in_the_sidecars(runs, space_resources, tmp_path):
+    """--anat-derivatives: every sidecar of the run names the folder and the files it uses;
+    the T1w and template spaces name the reused T1w and transform."""
+    from dataclasses import replace
+
+    from aslprep_lite.bids.anat_derivatives import PrecomputedAnatomy
+    from aslprep_lite.config import ExecutionOptions, OutputOptions, Settings
+    from aslprep_lite.workflows.base import init_aslprep_lite_wf
+
+    deriv = tmp_path / "smriprep"
+    anat = deriv / "sub-separate" / "anat"
+    anat.mkdir(parents=True)
+
+    def placeholder(name: str) -> Path:
+        path = anat / f"sub-separate_{name}"
+        path.touch()
+        return path
+
+    tpl = "MNI152NLin2009aSym"
+    precomputed = PrecomputedAnatomy(
+        source=deriv,
+        t1w=placeholder("desc-preproc_T1w.nii.gz"),
+        mask=placeholder("desc-brain_mask.nii.gz"),
+        dseg=placeholder("dseg.nii.gz"),
+        probseg={t: placeholder(f"label-{t}_probseg.nii.gz") for t in ("GM", "WM", "CSF")},
+        to_template={tpl: placeholder(f"from-T1w_to-{tpl}_mode-image_xfm.h5")},
+        from_template={tpl: placeholder(f"from-{tpl}_to-T1w_mode-image_xfm.h5")},
+        dseg_labels={1: "GM", 2: "WM", 3: "CSF"},
+    )
+    run = replace(runs["separate"], t1w_file=str(precomputed.t1w))
+    resources = replace(space_resources, precomputed={"separate": precomputed})
+    settings = Settings(
+        execution=ExecutionOptions(bids_dir=tmp_path, work_dir=tmp_path / "w"),
+        quantification=QuantificationOptions(),
+        outputs=OutputOptions(output_dir=tmp_path / "o", output_spaces=resources.spaces),
+    )
+    workflow = init_aslprep_lite_wf(settings, [run], resources)
+    prefix = "sub_separate_wf.asl_sub_separate."
+    parameters = workflow.get_node(prefix + "outputs_wf.write_derivatives").inputs.parameters
+    folder = "sub-separate/anat/sub-separate_"
+    assert parameters["AnatDerivatives"] == {
+        "Folder": str(deriv),
+        "Files": [
+            f"{folder}desc-preproc_T1w.nii.gz", f"{folder}desc-brain_mask.nii.gz",
+            f"{folder}dseg.nii.gz", f"{folder}label-CSF_probseg.nii.gz",
+            f"{folder}label-GM_probseg.nii.gz", f"{folder}label-WM_probseg.nii.gz",
+            f"{folder}from-T1w_to-{tpl}_mode-image_xfm.h5",
+            f"{folder}from-{tpl}_to-T1w_mode-image_xfm.h5",
+        ],
+    }  # fmt: skip
+    records = {
+        space["label"]: space["record"]
+        for space in workflow.get_node(prefix + "spaces_wf.resample").inputs.spaces
+    }
+    assert records["T1w"]["Reference"] == str(precomputed.t1w)
+    assert records[f"{tpl}:res-2"]["Transforms"][1] == str(precomputed.to_template[tpl])

@@ -641,7 +641,7 @@ def _check_transform(path: Path, what: str) -> None:
 
 
 def find_precomputed_anatomy(
-    deriv_dir: Path, subject: str, templates: Sequence[str]
+    deriv_dir: Path, subject: str, templates: Sequence[str], *, check_files: bool = True
 ) -> PrecomputedAnatomy:
     """Find and check one subject's anatomy in a finished sMRIPrep/fMRIPrep output folder.
 
@@ -656,6 +656,9 @@ def find_precomputed_anatomy(
         The templates to which transforms are needed, as ``--output-spaces`` spells them
         (``MNI152NLin2009cAsym``, ``MNIPediatricAsym:cohort-2``, ``...:res-2``); the keys of
         :attr:`PrecomputedAnatomy.to_template` and ``from_template``. May be empty.
+    check_files
+        Read every image and transform in full (the default). ``--dry-run`` passes False: the
+        files are found by name and the lookup table read, but no image is opened.
 
     Returns
     -------
@@ -706,8 +709,9 @@ def find_precomputed_anatomy(
 
     table = _lookup_table(deriv_dir, dseg)
     labels = _read_labels(table) if table else dict(BIDS_TISSUE_LABELS)
-    _check_images(t1w, mask, dseg, probseg, labels)
-    for template in to_template:
+    if check_files:
+        _check_images(t1w, mask, dseg, probseg, labels)
+    for template in to_template if check_files else ():
         label = _template_label(template)
         _check_transform(to_template[template], _transform_kind("T1w", label).what)
         _check_transform(from_template[template], _transform_kind(label, "T1w").what)

@@ -244,7 +244,11 @@ ANAT_BY_KEY = {d.key: d for d in ANAT_DERIVATIVES}
 
 
 def template_transforms(template: str) -> tuple[Derivative, Derivative]:
-    """The T1w → template transform and its inverse (ITK ``.h5``), as fMRIPrep names them."""
+    """The T1w → template transform and its inverse (ITK ``.h5``), as fMRIPrep names them.
+
+    ``template`` is :attr:`~aslprep_lite.spaces.Space.template_key`: ``X``, or ``X+N`` for a
+    cohort (``from-T1w_to-MNIPediatricAsym+2_mode-image_xfm.h5``, as sMRIPrep names it).
+    """
     return tuple(  # type: ignore[return-value]
         Derivative(
             f"xfm_{source}_{target}",
@@ -295,7 +299,7 @@ def transform_targets(run: AslRun, spaces: Sequence[Space]) -> list[str]:
         return [ANATOMICAL]
     if not run_spaces(run, spaces):
         return []
-    return sorted({s.name for s in run_spaces(run, spaces)})
+    return sorted({s.template_key for s in run_spaces(run, spaces)})
 
 
 def planned_derivatives(
@@ -331,8 +335,9 @@ def anatomy_prefix(subject: str) -> str:
 
 
 def planned_anatomy(spaces: Sequence[Space]) -> list[Derivative]:
-    """The participant's anatomical derivatives: T1w, mask, segmentation, template transforms."""
-    templates = sorted({s.name for s in spaces if s.is_template})
+    """The participant's anatomical derivatives: T1w, mask, segmentation, template transforms
+    (one pair per template and cohort)."""
+    templates = sorted({s.template_key for s in spaces if s.is_template})
     return [*ANAT_DERIVATIVES, *(d for t in templates for d in template_transforms(t))]
 
 

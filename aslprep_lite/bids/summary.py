@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aslprep_lite.bids.asl_run import AslRun
 from aslprep_lite.bids.derivatives import planned_anatomy_paths, planned_paths, run_spaces
 from aslprep_lite.config import QuantificationOptions
 from aslprep_lite.spaces import Space
 
+if TYPE_CHECKING:
+    from aslprep_lite.bids.anat_derivatives import PrecomputedAnatomy
 
-def _anatomy(run: AslRun, spaces: Sequence[Space]) -> dict[str, Any]:
+
+def _anatomy(
+    run: AslRun, spaces: Sequence[Space], precomputed: PrecomputedAnatomy | None
+) -> dict[str, Any]:
     """How the run reaches anatomical and template space."""
     targets = [s.label for s in run_spaces(run, spaces)]
     skipped = [s.label for s in spaces if s.name == "T1w" and run.t1w_file is None]
+    reused = {"anat_derivatives": str(precomputed.source)} if precomputed is not None else {}
     return {
         "t1w": run.t1w_file,
+        **reused,
         "other_t1w": run.other_t1w,
         "mode": "T1w" if run.t1w_file else ("T1w-free" if targets else "native only"),
         "output_spaces": (["asl"] if any(s.name == "asl" for s in spaces) else []) + targets,
@@ -25,9 +32,16 @@ def _anatomy(run: AslRun, spaces: Sequence[Space]) -> dict[str, Any]:
 
 
 def run_summary(
-    run: AslRun, options: QuantificationOptions, spaces: Sequence[Space] = ()
+    run: AslRun,
+    options: QuantificationOptions,
+    spaces: Sequence[Space] = (),
+    precomputed: PrecomputedAnatomy | None = None,
 ) -> dict[str, Any]:
-    """What aslprep-lite will do with ``run`` under ``options``, for a person to read."""
+    """What aslprep-lite will do with ``run`` under ``options``, for a person to read.
+
+    ``precomputed`` is the participant's anatomy reused from ``--anat-derivatives``
+    (``run.t1w_file`` is then its T1w): nothing is planned in ``anat/``.
+    """
     return {
         "asl_file": run.asl_file,
         "subject": run.subject,
@@ -61,9 +75,13 @@ def run_summary(
             "pulses": run.bs_pulses,
         },
         "labeling_efficiency": run.labeling_efficiency,
-        "anatomy": _anatomy(run, spaces),
+        "anatomy": _anatomy(run, spaces, precomputed),
         "outputs": planned_paths(run, options, spaces)
-        + (planned_anatomy_paths(run.subject, spaces) if run.t1w_file else []),
+        + (
+            planned_anatomy_paths(run.subject, spaces)
+            if run.t1w_file and precomputed is None
+            else []
+        ),
         "warnings": run.warnings + run.quality_warnings,
         "assumed_metadata": run.assumed_metadata,
     }

@@ -24,7 +24,7 @@ os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 from aslprep_lite.cli.parser import build_parser
 from aslprep_lite.cli.provenance import write_dataset_description
-from aslprep_lite.cli.workflow import run_participants
+from aslprep_lite.cli.workflow import decide_anatomy, run_participants
 from aslprep_lite.config import build_settings, check_writable
 from aslprep_lite.errors import AslprepError
 
@@ -150,10 +150,20 @@ def _main(options) -> int:
     )
     failures = list(discovery.failures)
     if execution.dry_run:
+        # the decisions a run makes before its graph (reused anatomy, refusals), no image read
+        precomputed, refused = decide_anatomy(settings, discovery.runs, check_files=False)
+        failures += refused
+        refused_files = {asl_file for asl_file, _ in refused}
         plan = {
             "runs": [
-                run_summary(run, quantification, settings.outputs.output_spaces)
+                run_summary(
+                    run,
+                    quantification,
+                    settings.outputs.output_spaces,
+                    precomputed=precomputed.get(run.subject),
+                )
                 for run in discovery.runs
+                if run.asl_file not in refused_files
             ],
             "failures": [{"asl_file": f, "error": msg} for f, msg in failures],
         }

@@ -112,6 +112,13 @@ def run_participants(settings: Settings, runs: Sequence[AslRun]) -> list[tuple[s
             raise
     messages = crash_messages(crash_dir)
     output_dir = settings.outputs.output_dir
+    for subject in sorted({run.subject for run in runs}):
+        anat = f".{subject_workflow_name(subject)}.anat_wf."
+        if any(anat in f".{node}." for node in messages):
+            if settings.execution.anat_derivatives is None:  # else nothing is written there
+                _remove_anatomy(settings, subject)  # no anat/ left of a failed anatomy
+        else:
+            _report_anatomy_warnings(output_dir, subject)
     for run in runs:
         _report_quality_warnings(output_dir, run)
         name = run_workflow_name(run)
@@ -195,11 +202,8 @@ def prepare_spaces(settings: Settings, runs: Sequence[AslRun]):
     """The template files and records of the output spaces, and each participant's anatomy.
 
     Returns the :class:`~aslprep_lite.workflows.base.SpaceResources` and the runs that cannot
-    go on, ``(asl_file, reason)``: a participant whose ``--anat-derivatives`` folder lacks a
-    file fails with one line, the others go on.
+    go on, ``(asl_file, reason)``, as :func:`decide_anatomy` decides them.
     """
-    from aslprep_lite.bids.anat_derivatives import find_precomputed_anatomy
-    from aslprep_lite.errors import AslprepError
     from aslprep_lite.spaces import anatomy_template_files, check_templates
     from aslprep_lite.templates import template_provenance
     from aslprep_lite.workflows.base import SpaceResources
@@ -215,20 +219,67 @@ def prepare_spaces(settings: Settings, runs: Sequence[AslRun]):
         for space in spaces
         if space.is_template
     }
+    precomputed, failures = decide_anatomy(settings, runs)
+    preprocess = settings.execution.anat_derivatives is None and any(r.t1w_file for r in runs)
+    resources = SpaceResources(
+        spaces=tuple(spaces),
+        template_files={k: {r: str(p) for r, p in v.items()} for k, v in template_files.items()},
+        space_records=records,
+        anatomy_template_files=(
+            {k: str(v) for k, v in anatomy_template_files().items()} if preprocess else None
+        ),
+        precomputed=precomputed,
+    )
+    return resources, failures
+
+
+def decide_anatomy(settings: Settings, runs: Sequence[AslRun], *, check_files: bool = True):
+    """Each participant's anatomical reference, and the runs that cannot go on.
+
+    The one place these decisions are made, for a run and for ``--dry-run`` alike:
+
+    * ``--anat-derivatives``: the participant's reused anatomy becomes its runs' T1w
+      (``run.t1w_file`` is set to it); a participant whose folder lacks a file fails with one
+      line, the others go on; one without a T1w in the raw data either is processed T1w-free,
+      with a warning.
+    * ``--m0-calibration csf|wm`` without ``--m0-reference-mask`` needs a T1w to segment: a
+      run without one is refused.
+
+    Parameters
+    ----------
+    settings
+        The run's settings.
+    runs
+        The validated runs (their ``t1w_file`` is updated in place).
+    check_files
+        Read the reused images and transforms in full; ``--dry-run`` passes False (files are
+        found by name only, nothing heavy is read).
+
+    Returns
+    -------
+    tuple
+        ``{subject: PrecomputedAnatomy}`` and ``[(asl_file, reason)]`` of the refused runs.
+    """
+    from aslprep_lite.bids.anat_derivatives import find_precomputed_anatomy
+    from aslprep_lite.errors import AslprepError
+
+    spaces = settings.outputs.output_spaces
     precomputed, failures = {}, []
     anat_dir = settings.execution.anat_derivatives
     for subject in sorted({run.subject for run in runs}):
         if anat_dir is None:
             break
         # sMRIPrep names a cohort's transforms <template>+<cohort>: ask with the cohort,
-        # keep them by template
+        # keep them by template and cohort (one normalization each)
         asked = {
-            s.name: f"{s.name}:cohort-{s.cohort}" if s.cohort else s.name
+            s.template_key: f"{s.name}:cohort-{s.cohort}" if s.cohort else s.name
             for s in spaces
             if s.is_template
         }
         try:
-            found = find_precomputed_anatomy(anat_dir, subject, sorted(asked.values()))
+            found = find_precomputed_anatomy(
+                anat_dir, subject, sorted(asked.values()), check_files=check_files
+            )
             precomputed[subject] = replace(
                 found,
                 to_template={name: found.to_template[key] for name, key in asked.items()},
@@ -245,25 +296,52 @@ def prepare_spaces(settings: Settings, runs: Sequence[AslRun]):
             if run.subject == subject:
                 run.t1w_file = str(precomputed[subject].t1w)
     options = settings.quantification
+    failed = {f for f, _ in failures}
     for run in runs:
         if (
-            run.has_deltam
+            run.asl_file not in failed
+            and run.has_deltam
             and options.m0_calibration != "voxel"
             and not options.m0_reference_mask
             and run.t1w_file is None
         ):
             failures.append((run.asl_file, reference_region_problem(run, options.m0_calibration)))
-    preprocess = anat_dir is None and any(run.t1w_file for run in runs)
-    resources = SpaceResources(
-        spaces=tuple(spaces),
-        template_files={k: {r: str(p) for r, p in v.items()} for k, v in template_files.items()},
-        space_records=records,
-        anatomy_template_files=(
-            {k: str(v) for k, v in anatomy_template_files().items()} if preprocess else None
-        ),
-        precomputed=precomputed,
-    )
-    return resources, failures
+    return precomputed, failures
+
+
+def _remove_anatomy(settings: Settings, subject: str) -> None:
+    """Remove a participant's anatomical derivatives after its anatomy failed.
+
+    The anatomy is written in one move, after every step succeeded, so a failure leaves none
+    of this run's files; but the files of an earlier run in the same output folder would
+    stay, and no longer match what the participant's runs used. Only the files aslprep_lite
+    writes there are removed (and the folder, if nothing else is left in it).
+    """
+    from aslprep_lite.bids.derivatives import planned_anatomy_paths
+
+    output_dir = settings.outputs.output_dir
+    for path in planned_anatomy_paths(subject, settings.outputs.output_spaces):
+        for name in (path, path.rsplit(".nii.gz", 1)[0].rsplit(".h5", 1)[0] + ".json"):
+            (output_dir / name).unlink(missing_ok=True)
+    folder = output_dir / f"sub-{subject}" / "anat"
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _report_anatomy_warnings(output_dir: Path, subject: str) -> None:
+    """Print the warnings of a participant's normalizations (sidecars of its anat/ files)."""
+    from aslprep_lite.bids.derivatives import anatomy_prefix
+
+    prefix = output_dir / anatomy_prefix(subject)
+    sidecars = [Path(f"{prefix}_desc-preproc_T1w.json")]
+    sidecars += sorted(prefix.parent.glob(f"{prefix.name}_from-T1w_to-*_xfm.json"))
+    seen = set()
+    for sidecar in sidecars:
+        if sidecar.is_file():
+            warning = json.loads(sidecar.read_text()).get("Normalization", {}).get("Warning")
+            if warning and warning not in seen:
+                seen.add(warning)
+                LOGGER.warning("%s: %s", sidecar, warning)
 
 
 def _report_quality_warnings(output_dir: Path, run: AslRun) -> None:
@@ -283,6 +361,11 @@ def _report_quality_warnings(output_dir: Path, run: AslRun) -> None:
             )
         if coregistration.get("Warning"):  # not to be found only on disk
             warnings.append(coregistration["Warning"])
+        # T1w-free with several templates: each registration has its own record (transforms)
+        for xfm in sorted(sidecar.parent.glob(f"{run.prefix}_from-aslref_to-*_xfm.json")):
+            warning = json.loads(xfm.read_text()).get("Coregistration", {}).get("Warning")
+            if warning and warning not in warnings:
+                warnings.append(warning)
         for warning in warnings:
             LOGGER.warning("%s: %s", sidecar, warning)
 

@@ -28,7 +28,7 @@ from aslprep_lite.quant import anatomy as anat
 from aslprep_lite.quant import pvc as pvc_model
 from aslprep_lite.quant import tissue as tissue_model
 from aslprep_lite.quant.m0 import brain_mask
-from aslprep_lite.quant.warps import Deformation, coarse_grid, resample_through
+from aslprep_lite.quant.warps import Deformation, coarse_grid, resample_many, resample_through
 
 _TISSUE_FILES = ("gm_probseg", "wm_probseg", "csf_probseg")
 
@@ -72,6 +72,46 @@ def load_template(files: dict[str, str]) -> anat.Template:
     return anat.make_template(t1w, mask, gm, wm, on_grid("CSF"), affine)
 
 
+class _SourceInputSpec(BaseInterfaceInputSpec):
+    source_file = traits.Str(
+        mandatory=True, desc="the participant's BIDS file this node works for (named on failure)"
+    )
+
+
+class _NamedFailures(SimpleInterface):
+    """A node whose failures name the participant's BIDS file, never a work-directory file.
+
+    nipype's crash file keeps the traceback; the user gets one line naming ``source_file``
+    (the T1w for the anatomy, the ASL or M0 file for a run), the step and the reason.
+    Subclasses implement ``_run`` and set ``_step``.
+    """
+
+    _step = "processing"
+
+    def _source(self) -> str:
+        return self.inputs.source_file
+
+    def _run_interface(self, runtime):
+        try:
+            return self._run(runtime)
+        except AslprepError as err:
+            if err.path is None or err.path == self._source():
+                raise
+            # a work-directory file (the M0 on the ASL grid, a tissue map): name the input
+            reason = str(err)[len(f"{err.path}: ") :]
+            raise AslprepError(reason, path=self._source()) from err
+        except Exception as err:  # SimpleITK, dipy, numpy: a one-line reason, the input named
+            detail = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            raise AslprepError(
+                f"{self._step} failed ({detail}): check that the image holds a whole head at a "
+                "usual resolution (details in the crash file of the working directory)",
+                path=self._source(),
+            ) from err
+
+    def _run(self, runtime):  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+
 # --------------------------------------------------------------------------------------------
 # T1w preprocessing and normalization
 # --------------------------------------------------------------------------------------------
@@ -88,6 +128,7 @@ class _T1wFilesOutputSpec(TraitedSpec):
 class _AnatomyOutputSpec(_T1wFilesOutputSpec):
     to_template = File(exists=True, desc="deformation: T1w points -> template points")
     to_t1w = File(exists=True, desc="deformation: template points -> T1w points")
+    normalization = traits.Dict(desc="the normalization's record (its transforms' sidecars)")
 
 
 class _PreprocessInputSpec(BaseInterfaceInputSpec):
@@ -97,13 +138,17 @@ class _PreprocessInputSpec(BaseInterfaceInputSpec):
     seed = traits.Int(mandatory=True)
 
 
-class PreprocessT1w(SimpleInterface):
+class PreprocessT1w(_NamedFailures):
     """N4, normalization, template-based brain mask, tissue classes of one T1w."""
 
     input_spec = _PreprocessInputSpec
     output_spec = _AnatomyOutputSpec
+    _step = "T1w preprocessing (N4, normalization, segmentation)"
 
-    def _run_interface(self, runtime):
+    def _source(self) -> str:
+        return self.inputs.t1w_file  # the BIDS T1w itself
+
+    def _run(self, runtime):
         data, affine = _load(self.inputs.t1w_file)
         data = data[..., 0] if data.ndim == 4 else data
         template = load_template(self.inputs.template_files)
@@ -116,6 +161,12 @@ class PreprocessT1w(SimpleInterface):
         for name, prob in zip(_TISSUE_FILES, result.probseg, strict=True):
             out[name] = _save(prob, affine, os.path.join(cwd, f"{name}.nii.gz"))
         _save_normalization(result.normalization, cwd, out)
+        normalization = _normalization_record(
+            self.inputs.template,
+            result.metrics["NormalizationCorrelation"],
+            self.inputs.t1w_file,
+        )
+        out["normalization"] = normalization
         out["record"] = {
             "SkullStripped": False,
             "BiasFieldCorrection": "N4 (SimpleITK; Tustison et al. 2010)",
@@ -123,9 +174,7 @@ class PreprocessT1w(SimpleInterface):
             "T1w through the normalization",
             "Segmentation": "three-class Gaussian mixture (EM) with template tissue priors",
             "BrainVolume": round(result.metrics["BrainVolume"], 1),
-            "Normalization": _normalization_record(
-                self.inputs.template, result.metrics["NormalizationCorrelation"]
-            ),
+            "Normalization": normalization,
         }
         return runtime
 
@@ -137,16 +186,48 @@ def _save_normalization(norm: anat.Normalization, cwd: str, out: dict) -> None:
     out["to_t1w"] = os.path.join(cwd, "to_t1w.nii.gz")
 
 
-def _normalization_record(template: str, correlation: float) -> dict:
-    return {
+#: Quality gate of a normalization, on the correlation of the normalized T1w with the template
+#: (:func:`~aslprep_lite.quant.anatomy.normalization_correlation`). Measured with
+#: ``preprocess_t1w`` on 2 mm T1w images of :mod:`aslprep_lite.synthetic_anatomy`: good
+#: normalizations 0.90, 0.90, 0.89 (seeds 0, 7, 3; the last session measured about 0.9 on the
+#: synthetic participants and the example); uniform noise 0.02 (0.16 for the noise T1w of the
+#: last session's report);
+#: the seed-0 T1w drowned in Gaussian noise (sigma 30 % of its maximum) 0.62, blurred by a
+#: 3-voxel Gaussian 0.56, replaced by smoothed noise inside its head 0.52. So: below 0.5 the
+#: image is not a T1w head scan the template can be matched to, and the participant fails
+#: rather than write misplaced outputs; from 0.5 to 0.8, a degraded image whose normalization
+#: may be off (a warning); good normalizations keep a margin of 0.09 above 0.8.
+NORMALIZATION_FAILED_CORRELATION = 0.5
+NORMALIZATION_CORRELATION = 0.8
+
+
+def _normalization_record(template: str, correlation: float, t1w_file: str) -> dict:
+    """The record of one normalization, gated on its correlation with the template."""
+    if correlation < NORMALIZATION_FAILED_CORRELATION:
+        raise AslprepError(
+            f"normalization of the T1w to {template} failed (correlation of the normalized "
+            f"T1w with the template {correlation:.2f} < {NORMALIZATION_FAILED_CORRELATION}): "
+            "check that the image is a T1w head scan, or leave it out with "
+            '--bids-filter-file (e.g. {"t1w": {"acquisition": "none"}})',
+            path=t1w_file,
+        )
+    record = {
         "Template": template,
         "Method": "affine (SimpleITK, Mattes mutual information) then symmetric "
         "diffeomorphic registration (dipy SyN, cross-correlation; Avants et al. 2008)",
         "Correlation": round(correlation, 4),
+        "CorrelationThreshold": NORMALIZATION_CORRELATION,
     }
+    if correlation < NORMALIZATION_CORRELATION:
+        record["Warning"] = (
+            f"normalization of the T1w to {template} may have failed (correlation with the "
+            f"template {correlation:.2f} < {NORMALIZATION_CORRELATION}): check the outputs in "
+            "template space"
+        )
+    return record
 
 
-class _NormalizeInputSpec(BaseInterfaceInputSpec):
+class _NormalizeInputSpec(_SourceInputSpec):
     t1w_preproc = File(exists=True, mandatory=True)
     mask = File(exists=True, mandatory=True)
     template = traits.Str(mandatory=True)
@@ -160,20 +241,23 @@ class _NormalizeOutputSpec(TraitedSpec):
     record = traits.Dict()
 
 
-class NormalizeT1w(SimpleInterface):
+class NormalizeT1w(_NamedFailures):
     """Normalization of the skull-stripped T1w to one more template."""
 
     input_spec = _NormalizeInputSpec
     output_spec = _NormalizeOutputSpec
+    _step = "T1w normalization"
 
-    def _run_interface(self, runtime):
+    def _run(self, runtime):
         t1w, affine = _load(self.inputs.t1w_preproc)
         mask = _load(self.inputs.mask)[0] > 0.5
         template = load_template(self.inputs.template_files)
         norm = anat.normalize(t1w, affine, template, seed=self.inputs.seed, subject_mask=mask)
         _save_normalization(norm, runtime.cwd, self._results)
         correlation = anat.normalization_correlation(t1w * mask, affine, norm, template)
-        self._results["record"] = _normalization_record(self.inputs.template, correlation)
+        self._results["record"] = _normalization_record(
+            self.inputs.template, correlation, self.inputs.source_file
+        )
         return runtime
 
 
@@ -251,7 +335,7 @@ class LoadPrecomputedTransforms(SimpleInterface):
         return runtime
 
 
-class _WriteXfmInputSpec(BaseInterfaceInputSpec):
+class _WriteXfmInputSpec(_SourceInputSpec):
     to_template = File(exists=True, mandatory=True)
     to_t1w = File(exists=True, mandatory=True)
 
@@ -261,13 +345,14 @@ class _WriteXfmOutputSpec(TraitedSpec):
     from_template_xfm = File(exists=True, desc="from-<tpl>_to-T1w: T1w points -> template")
 
 
-class DeformationsToItk(SimpleInterface):
+class DeformationsToItk(_NamedFailures):
     """The two deformations of a normalization as ITK ``.h5`` files, as fMRIPrep writes them."""
 
     input_spec = _WriteXfmInputSpec
     output_spec = _WriteXfmOutputSpec
+    _step = "writing the T1w normalization as ITK transforms"
 
-    def _run_interface(self, runtime):
+    def _run(self, runtime):
         forward = os.path.join(runtime.cwd, "from-T1w_to-template_xfm.h5")
         inverse = os.path.join(runtime.cwd, "from-template_to-T1w_xfm.h5")
         Deformation.from_nifti(self.inputs.to_t1w).to_itk_file(forward)
@@ -280,7 +365,7 @@ class DeformationsToItk(SimpleInterface):
 # --------------------------------------------------------------------------------------------
 # ASL run: coregistration, tissue on the ASL grid, resampling to the output spaces
 # --------------------------------------------------------------------------------------------
-class _CoregInputSpec(BaseInterfaceInputSpec):
+class _CoregInputSpec(_SourceInputSpec):
     reference_file = File(exists=True, mandatory=True, desc="ASL reference (M0 or mean control)")
     asl_mask_file = File(exists=True, desc="its brain mask (default: Otsu of the reference)")
     t1w_file = File(exists=True, mandatory=True, desc="preprocessed T1w")
@@ -300,13 +385,14 @@ class _CoregOutputSpec(TraitedSpec):
 COREGISTRATION_FAILED_DICE = 0.5
 
 
-class CoregisterAsl(SimpleInterface):
+class CoregisterAsl(_NamedFailures):
     """Rigid ASL → T1w coregistration, with its Dice quality figure and fallback."""
 
     input_spec = _CoregInputSpec
     output_spec = _CoregOutputSpec
+    _step = "ASL to T1w coregistration"
 
-    def _run_interface(self, runtime):
+    def _run(self, runtime):
         reference, ref_affine = _load(self.inputs.reference_file)
         if isdefined(self.inputs.asl_mask_file):
             asl_mask = _load(self.inputs.asl_mask_file)[0] > 0.5
@@ -325,7 +411,7 @@ class CoregisterAsl(SimpleInterface):
                 f"{COREGISTRATION_FAILED_DICE}, paths tried: {', '.join(record['Candidates'])}):"
                 " check that the T1w is this participant's and covers the brain, or leave it "
                 'out with --bids-filter-file (e.g. {"t1w": {"acquisition": "none"}})',
-                path=self.inputs.reference_file,
+                path=self.inputs.source_file,
             )
         if record["Candidates"]["scanner geometry"] < COREGISTRATION_FAILED_DICE:
             record["Warning"] = (
@@ -365,7 +451,7 @@ def write_itk_affine(matrix: np.ndarray, path: str) -> str:
     return path
 
 
-class _AlignTemplateInputSpec(BaseInterfaceInputSpec):
+class _AlignTemplateInputSpec(_SourceInputSpec):
     reference_file = File(exists=True, mandatory=True)
     asl_mask_file = File(exists=True, mandatory=True)
     reference_name = traits.Str(mandatory=True)
@@ -374,13 +460,14 @@ class _AlignTemplateInputSpec(BaseInterfaceInputSpec):
     seed = traits.Int(mandatory=True)
 
 
-class AlignAslToTemplate(SimpleInterface):
+class AlignAslToTemplate(_NamedFailures):
     """T1w-free mode: the ASL reference registered straight to a template (affine)."""
 
     input_spec = _AlignTemplateInputSpec
     output_spec = _CoregOutputSpec
+    _step = "ASL to template registration"
 
-    def _run_interface(self, runtime):
+    def _run(self, runtime):
         reference, ref_affine = _load(self.inputs.reference_file)
         asl_mask = _load(self.inputs.asl_mask_file)[0] > 0.5
         template = load_template(self.inputs.template_files)
@@ -413,7 +500,7 @@ class AlignAslToTemplate(SimpleInterface):
         return runtime
 
 
-class _TissueInputSpec(BaseInterfaceInputSpec):
+class _TissueInputSpec(_SourceInputSpec):
     probseg = traits.List(File(exists=True), mandatory=True, desc="GM, WM, CSF maps")
     matrix_file = File(exists=True, mandatory=True, desc="source points -> ASL points (.npy)")
     reference_file = File(exists=True, mandatory=True, desc="a file on the ASL grid")
@@ -423,13 +510,14 @@ class _TissueOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="(X, Y, Z, 3) GM, WM, CSF fractions on the ASL grid")
 
 
-class TissueOnAsl(SimpleInterface):
+class TissueOnAsl(_NamedFailures):
     """Tissue fractions on the ASL grid, from the T1w segmentation or template priors."""
 
     input_spec = _TissueInputSpec
     output_spec = _TissueOutputSpec
+    _step = "tissue maps on the ASL grid"
 
-    def _run_interface(self, runtime):
+    def _run(self, runtime):
         ref = nb.load(self.inputs.reference_file)
         to_source = np.linalg.inv(np.load(self.inputs.matrix_file))  # ASL -> source points
         maps = [_load(p) for p in self.inputs.probseg]
@@ -441,7 +529,7 @@ class TissueOnAsl(SimpleInterface):
         return runtime
 
 
-class _RegionInputSpec(BaseInterfaceInputSpec):
+class _RegionInputSpec(_SourceInputSpec):
     tissue_file = File(exists=True, mandatory=True, desc="GM, WM, CSF fractions, ASL grid")
     tissue = traits.Enum("csf", "wm", mandatory=True)
 
@@ -457,13 +545,14 @@ REFERENCE_REGION_FRACTION = 0.9
 REFERENCE_REGION_MIN_VOXELS = 10
 
 
-class ReferenceRegionFromTissue(SimpleInterface):
+class ReferenceRegionFromTissue(_NamedFailures):
     """The M0 calibration's reference region (CSF or WM) from the T1w segmentation."""
 
     input_spec = _RegionInputSpec
     output_spec = _RegionOutputSpec
+    _step = "the M0 reference region from the T1w segmentation"
 
-    def _run_interface(self, runtime):
+    def _run(self, runtime):
         tissue, affine = _load(self.inputs.tissue_file)
         index = {"wm": 1, "csf": 2}[self.inputs.tissue]
         region = tissue[..., index] > REFERENCE_REGION_FRACTION
@@ -473,14 +562,14 @@ class ReferenceRegionFromTissue(SimpleInterface):
                 f"{self.inputs.tissue.upper()} (fraction > {REFERENCE_REGION_FRACTION}) in the "
                 "T1w segmentation: too few for --m0-calibration; give --m0-reference-mask "
                 "or use --m0-calibration voxel",
-                path=self.inputs.tissue_file,
+                path=self.inputs.source_file,
             )
         path = os.path.join(runtime.cwd, "reference_region.nii.gz")
         self._results["out_file"] = _save(region, affine, path, np.uint8)
         return runtime
 
 
-class _TissueCbfInputSpec(BaseInterfaceInputSpec):
+class _TissueCbfInputSpec(_SourceInputSpec):
     cbf_file = File(exists=True, mandatory=True)
     mask_file = File(exists=True, mandatory=True)
     tissue_file = File(exists=True, mandatory=True)
@@ -495,13 +584,14 @@ class _TissueCbfOutputSpec(TraitedSpec):
     cbf_pvwm = File()
 
 
-class TissueCbf(SimpleInterface):
+class TissueCbf(_NamedFailures):
     """Mean GM and WM CBF for the sidecar, and the partial-volume corrected maps."""
 
     input_spec = _TissueCbfInputSpec
     output_spec = _TissueCbfOutputSpec
+    _step = "tissue CBF and partial-volume correction"
 
-    def _run_interface(self, runtime):
+    def _run(self, runtime):
         cbf, affine = _load(self.inputs.cbf_file)
         mask = _load(self.inputs.mask_file)[0] > 0.5
         tissue = _load(self.inputs.tissue_file)[0]
@@ -520,12 +610,15 @@ class TissueCbf(SimpleInterface):
         return runtime
 
 
-class _ResampleInputSpec(BaseInterfaceInputSpec):
+class _ResampleInputSpec(_SourceInputSpec):
     spaces = traits.List(traits.Dict, mandatory=True, desc="label, grid, template, record")
     templates = traits.List(traits.Str, desc="order of deformations / template_to_asl")
     t1w_to_asl = File(exists=True, desc="T1w points -> ASL points (.npy)")
     deformations = traits.List(File(exists=True), desc="template points -> T1w points")
     template_to_asl = traits.List(File(exists=True), desc="T1w-free: template -> ASL (.npy)")
+    coregistrations = traits.List(
+        traits.Dict, desc="T1w-free: each template's registration record (order of templates)"
+    )
 
 
 for _key in RESAMPLED_KEYS:  # one optional file input per map written in other spaces
@@ -536,7 +629,7 @@ class _ResampleOutputSpec(TraitedSpec):
     resampled = traits.List(traits.Dict, desc="{key, space, file, record} per file")
 
 
-class ResampleToSpaces(SimpleInterface):
+class ResampleToSpaces(_NamedFailures):
     """Each map of a run in each output space, read once through the composed mapping.
 
     A space (``label``, ``grid``: a file on its grid, ``template`` or None for T1w,
@@ -547,6 +640,7 @@ class ResampleToSpaces(SimpleInterface):
 
     input_spec = _ResampleInputSpec
     output_spec = _ResampleOutputSpec
+    _step = "resampling to the output spaces"
 
     def _mapping(self, space: dict) -> Deformation | np.ndarray:
         inputs = self.inputs
@@ -558,7 +652,7 @@ class ResampleToSpaces(SimpleInterface):
             return deformation.then(np.load(inputs.t1w_to_asl))
         return np.load(inputs.template_to_asl[index])
 
-    def _run_interface(self, runtime):
+    def _run(self, runtime):
         maps = {
             key: getattr(self.inputs, key)
             for key in RESAMPLED_KEYS
@@ -570,16 +664,29 @@ class ResampleToSpaces(SimpleInterface):
             mapping = self._mapping(space)
             folder = Path(runtime.cwd) / space["label"].replace(":", "_")
             folder.mkdir(exist_ok=True)
-            for key, path in sorted(maps.items()):
-                data, affine = _load(path)
-                values = resample_through(data, affine, mapping, grid.shape[:3], grid.affine)
+            # the maps of a run share its grid: the mapped points are computed once per space
+            loaded = {key: _load(path) for key, path in sorted(maps.items())}
+            groups: dict[bytes, list[str]] = {}
+            for key, (_, affine) in loaded.items():
+                groups.setdefault(affine.tobytes(), []).append(key)
+            resampled = {}
+            for keys in groups.values():
+                values = resample_many(
+                    [loaded[k][0] for k in keys], loaded[keys[0]][1], mapping,
+                    grid.shape[:3], grid.affine,
+                )  # fmt: skip
+                resampled.update(zip(keys, values, strict=True))
+            for key in sorted(maps):
+                values = resampled[key]
                 if BY_KEY[key].dtype == "uint8":  # masks: the interpolated fraction > 1/2
                     values = (values > 0.5).astype(np.uint8)
                 target = str(folder / f"{key}.nii.gz")
                 _save(values, grid.affine, target, values.dtype)
-                out.append(
-                    {"key": key, "space": space["label"], "file": target,
-                     "record": space.get("record", {})}
-                )  # fmt: skip
+                item = {"key": key, "space": space["label"], "file": target,
+                        "record": space.get("record", {})}  # fmt: skip
+                if space["template"] is not None and isdefined(self.inputs.coregistrations):
+                    index = self.inputs.templates.index(space["template"])
+                    item["coregistration"] = self.inputs.coregistrations[index]
+                out.append(item)
         self._results["resampled"] = out
         return runtime

@@ -44,6 +44,9 @@ class _PrepareM0InputSpec(BaseInterfaceInputSpec):
     fwhm = traits.Float(desc="voxelwise calibration: smoothing FWHM (mm)")
     calibration = traits.Enum("voxel", "csf", "wm", usedefault=True)
     reference_mask = File(exists=True, desc="csf|wm: the reference region on the ASL grid")
+    reference_source = traits.Str(
+        desc="csf|wm: where the region came from (the mask given, or the T1w segmentation)"
+    )
     echo_time = traits.Float(0.0, usedefault=True, desc="csf|wm: TE of the M0, s")
     spin_echo = traits.Bool(False, usedefault=True, desc="csf|wm: T2 (true) or T2* decay")
     asl_file = traits.Str(mandatory=True, desc="the raw ASL series, named in errors")
@@ -192,6 +195,8 @@ class PrepareM0(SimpleInterface):
             echo_time=inputs.echo_time,
             spin_echo=inputs.spin_echo,
         )
+        if isdefined(inputs.reference_source):
+            meta["ReferenceRegion"]["Source"] = inputs.reference_source
         lam = inputs.constants["PartitionCoefficient"]["Value"]
         self._results["reference_mask_file"] = save_image(
             region, img, os.path.join(runtime.cwd, "reference_mask.nii"), dtype=np.uint8

@@ -58,6 +58,9 @@ class _WriteInputSpec(BaseInterfaceInputSpec):
     xfm_files = traits.List(File(exists=True), desc="the ITK transforms, in that order")
     qc_metadata = traits.Dict(desc="the quality-control table's sidecar")
     score_metadata = traits.Dict(desc="the SCORE/SCRUB maps' sidecar fields")
+    xfm_records = traits.List(
+        traits.Dict, desc="T1w-free: each target's registration record, in that order"
+    )
 
 
 for _derivative in ASL_DERIVATIVES:  # one file input per derivative of the output spec
@@ -115,11 +118,16 @@ class WriteDerivatives(SimpleInterface):
         ]
         for item in inputs.resampled if isdefined(inputs.resampled) else []:
             derivative = in_space(BY_KEY[item["key"]], parse_space(item["space"]))
-            files.append((derivative, item["file"], {**records, "space": item["record"]}))
+            own = {**records, "space": item["record"]}
+            if "coregistration" in item:  # T1w-free: that template's own registration
+                own["coregistration"] = item["coregistration"]
+            files.append((derivative, item["file"], own))
         targets = inputs.xfm_targets if isdefined(inputs.xfm_targets) else []
         paths = inputs.xfm_files if isdefined(inputs.xfm_files) else []
-        for target, path in zip(targets, paths, strict=True):
-            files.append((coregistration_transform(target), path, records))
+        xfm_records = inputs.xfm_records if isdefined(inputs.xfm_records) else []
+        for index, (target, path) in enumerate(zip(targets, paths, strict=True)):
+            own = {**records, "coregistration": xfm_records[index]} if xfm_records else records
+            files.append((coregistration_transform(target), path, own))
 
         written = stage_and_move(root, inputs.out_dir, prefix, files, provenance)
         self._results["out_files"] = [str(Path(inputs.out_dir) / name) for name in sorted(written)]
@@ -186,6 +194,7 @@ class _WriteAnatomyInputSpec(BaseInterfaceInputSpec):
     templates = traits.List(traits.Str, desc="templates the T1w was normalized to")
     forward_xfms = traits.List(File(exists=True), desc="from-T1w_to-<template>, in order")
     inverse_xfms = traits.List(File(exists=True), desc="from-<template>_to-T1w, in order")
+    normalizations = traits.List(traits.Dict, desc="each normalization's record, in order")
 
 
 for _derivative in ANAT_DERIVATIVES:
@@ -203,11 +212,14 @@ class WriteAnatomy(SimpleInterface):
         records = {"anatomy": inputs.record}
         files = [(ANAT_BY_KEY[d.key], getattr(inputs, d.key), records) for d in ANAT_DERIVATIVES]
         templates = inputs.templates if isdefined(inputs.templates) else []
-        for template, forward, inverse in zip(
-            templates, inputs.forward_xfms or [], inputs.inverse_xfms or [], strict=True
+        normalizations = inputs.normalizations if isdefined(inputs.normalizations) else []
+        for index, (template, forward, inverse) in enumerate(
+            zip(templates, inputs.forward_xfms or [], inputs.inverse_xfms or [], strict=True)
         ):
             to_template, from_template = template_transforms(template)
-            files += [(to_template, forward, {}), (from_template, inverse, {})]
+            # every normalization's record (the second template's too) beside its transforms
+            own = {"anatomy": {"Normalization": normalizations[index]}} if normalizations else {}
+            files += [(to_template, forward, own), (from_template, inverse, own)]
         provenance = {
             "Sources": list(inputs.sources),
             "ProcessingParameters": {

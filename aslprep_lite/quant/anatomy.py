@@ -275,9 +275,14 @@ def normalize(
     moving = np.asarray(subject, np.float32)
     if subject_mask is not None:
         moving = np.where(subject_mask, moving, 0).astype(np.float32)
+    # The affine stage runs on the subject block-averaged to the registration grid (the
+    # template's is REGISTRATION_MM already): a 1 mm T1w took 17 s, at 2 mm 3 s; its Mattes
+    # samples are the template's points, so the finer subject added time, not information.
+    coarse_moving, coarse_affine = downsample(moving, subject_affine, REGISTRATION_MM)
     affine = register_affine(
-        template.reg_t1w, template.reg_affine, template.reg_mask, moving, subject_affine, seed=seed
-    )
+        template.reg_t1w, template.reg_affine, template.reg_mask, coarse_moving, coarse_affine,
+        seed=seed,
+    )  # fmt: skip
     if subject_mask is None:
         # The affine's inverse brings the dilated template mask to the subject.
         mask = resample_through(

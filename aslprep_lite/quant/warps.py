@@ -229,9 +229,27 @@ def resample_through(
 
     ``mapping`` is a :class:`Deformation` (reference → moving world points) or a 4×4 matrix.
     """
+    return resample_many([data], affine, mapping, shape, ref_affine, order=order)[0]
+
+
+def resample_many(
+    arrays: Sequence[NDArray],
+    affine: NDArray,
+    mapping: Deformation | NDArray,
+    shape: Sequence[int],
+    ref_affine: NDArray,
+    *,
+    order: int = 1,
+) -> list[NDArray[np.float32]]:
+    """:func:`resample_through` of several images on one grid (``affine``) through one mapping.
+
+    The mapped points (for a deformation, three interpolations of its field per point) are
+    computed once per slab for all the images; each image gives exactly the values
+    :func:`resample_through` gives it alone.
+    """
     shape = tuple(int(n) for n in shape[:3])
-    out = np.empty(shape, np.float32)
-    data = np.asarray(data, np.float32)
+    outs = [np.empty(shape, np.float32) for _ in arrays]
+    arrays = [np.asarray(data, np.float32) for data in arrays]
     # Slabs of the first axis bound the memory of the coordinate arrays (a 1 mm grid holds
     # 11 M points, 280 MB per copy of their coordinates).
     step = max(1, _SLAB_POINTS // (shape[1] * shape[2]))
@@ -243,5 +261,6 @@ def resample_through(
         moved = (
             apply_affine(mapping, points) if isinstance(mapping, np.ndarray) else mapping(points)
         )
-        out[start:stop] = sample(data, affine, moved, order=order)
-    return out
+        for data, out in zip(arrays, outs, strict=True):
+            out[start:stop] = sample(data, affine, moved, order=order)
+    return outs

@@ -83,7 +83,9 @@ def init_anat_wf(
         The template whose brain mask and tissue priors drive brain extraction and
         segmentation (res-1 files by role).
     template_files
-        Every template the outputs are written in: ``{template: {role: file}}``.
+        Every template the outputs are written in: ``{template key: {role: file}}``, keyed by
+        :attr:`~aslprep_lite.spaces.Space.template_key` (``X`` or ``X+N`` with a cohort: one
+        normalization per template and cohort).
     precomputed
         An sMRIPrep/fMRIPrep anatomy to reuse (``--anat-derivatives``), or None.
 
@@ -143,25 +145,30 @@ def init_anat_wf(
         elif template == anatomy_template:
             workflow.connect([(source, outputnode, [("to_t1w", field)])])
             norm = source
+            norm_record = (source, "normalization")
         else:
             norm = pe.Node(
                 NormalizeT1w(
-                    template=template, template_files=dict(template_files[template]), seed=seed
+                    template=template,
+                    template_files=dict(template_files[template]),
+                    seed=seed,
+                    source_file=t1w_file,
                 ),
                 name=f"normalize_{safe}",
                 mem_gb=2.0,
             )
+            norm_record = (norm, "record")
         if norm is not source:
             workflow.connect([
                 (source, norm, [("t1w_preproc", "t1w_preproc"), ("mask", "mask")]),
                 (norm, outputnode, [("to_t1w", field)]),
             ])  # fmt: skip
         if precomputed is None:
-            itk = pe.Node(DeformationsToItk(), name=f"itk_{safe}")
+            itk = pe.Node(DeformationsToItk(source_file=t1w_file), name=f"itk_{safe}")
             workflow.connect([
                 (norm, itk, [("to_template", "to_template"), ("to_t1w", "to_t1w")]),
             ])  # fmt: skip
-            transforms.append((template, itk))
+            transforms.append((template, itk, norm_record))
 
     if precomputed is None:  # a reused anatomy stays where it is: nothing to write
         write = pe.Node(
@@ -178,16 +185,20 @@ def init_anat_wf(
              + [(f, f) for f in ANAT_FIELDS if f != "mask"]),
         ])  # fmt: skip
         if transforms:
-            write.inputs.templates = [t for t, _ in transforms]
+            write.inputs.templates = [t for t, _, _ in transforms]
             forward = pe.Node(Merge(len(transforms)), name="merge_forward_xfms")
             inverse = pe.Node(Merge(len(transforms)), name="merge_inverse_xfms")
-            for index, (_, itk) in enumerate(transforms, start=1):
+            # each normalization's record goes into the sidecars of its transforms
+            records = pe.Node(Merge(len(transforms)), name="merge_normalizations")
+            for index, (_, itk, (node, field)) in enumerate(transforms, start=1):
                 workflow.connect([
                     (itk, forward, [("to_template_xfm", f"in{index}")]),
                     (itk, inverse, [("from_template_xfm", f"in{index}")]),
+                    (node, records, [(field, f"in{index}")]),
                 ])  # fmt: skip
             workflow.connect([
                 (forward, write, [("out", "forward_xfms")]),
                 (inverse, write, [("out", "inverse_xfms")]),
+                (records, write, [("out", "normalizations")]),
             ])  # fmt: skip
     return workflow

@@ -97,8 +97,9 @@ def init_single_subject_wf(
             omp_nthreads=settings.execution.omp_nthreads,
             spaces=resources.spaces,
             template_files=resources.template_files,
-            space_records=_space_records(resources, run, precomputed is not None),
+            space_records=_space_records(resources, run, precomputed),
             t1w_grid=t1w_grid,
+            anat_derivatives=_reused_files(precomputed, templates),
         )
         workflow.add_nodes([asl_wf])
         if anat_wf is not None:
@@ -111,18 +112,34 @@ def init_single_subject_wf(
 
 
 def _files_by_template(resources: SpaceResources) -> dict[str, dict[str, str]]:
-    """The files of each template (one entry per template, whatever its resolutions)."""
-    by_name: dict[str, dict[str, str]] = {}
+    """The files of each template and cohort (:attr:`~aslprep_lite.spaces.Space.template_key`:
+    one normalization each, whatever its resolutions)."""
+    by_key: dict[str, dict[str, str]] = {}
     for space in resources.spaces:
-        if space.is_template and space.name not in by_name:
-            by_name[space.name] = {
+        if space.is_template and space.template_key not in by_key:
+            by_key[space.template_key] = {
                 k: str(v) for k, v in resources.template_files[space.label].items()
             }
-    return by_name
+    return by_key
 
 
-def _space_records(resources: SpaceResources, run: AslRun, precomputed: bool) -> dict:
-    """Each space's sidecar block for ``run``: the template, its source, the transforms."""
+def _reused_files(precomputed, templates) -> dict | None:
+    """``AnatDerivatives`` of a run's sidecars: the folder reused and its files used."""
+    if precomputed is None:
+        return None
+    folder = precomputed.source
+    files = [
+        precomputed.t1w, precomputed.mask, precomputed.dseg,
+        *(precomputed.probseg[t] for t in sorted(precomputed.probseg)),
+        *(precomputed.to_template[t] for t in sorted(templates)),
+        *(precomputed.from_template[t] for t in sorted(templates)),
+    ]  # fmt: skip
+    return {"Folder": str(folder), "Files": [str(p.relative_to(folder)) for p in files]}
+
+
+def _space_records(resources: SpaceResources, run: AslRun, precomputed) -> dict:
+    """Each space's sidecar block for ``run``: the template, its source, the transforms
+    (with ``--anat-derivatives``, the reused files' paths)."""
     anat = f"sub-{run.subject}/anat/sub-{run.subject}"
     perf = f"{run.out_dir}/{run.prefix}"
 
@@ -130,20 +147,21 @@ def _space_records(resources: SpaceResources, run: AslRun, precomputed: bool) ->
         if run.t1w_file is None:  # T1w-free: the run's own affine to the template
             return [f"{perf}_from-aslref_to-{template}_mode-image_xfm.txt"]
         to_template = (
-            f"from-T1w_to-{template} of --anat-derivatives"
-            if precomputed
+            str(precomputed.to_template[template])
+            if precomputed is not None
             else f"{anat}_from-T1w_to-{template}_mode-image_xfm.h5"
         )
         return [f"{perf}_from-aslref_to-T1w_mode-image_xfm.txt", to_template]
 
+    keys = {s.label: s.template_key for s in resources.spaces if s.is_template}
     records = {
-        label: {**record, "Transforms": transforms(record["Template"])}
+        label: {**record, "Transforms": transforms(keys.get(label, record["Template"]))}
         for label, record in resources.space_records.items()
     }
     records["T1w"] = {
         "Space": "T1w",
-        "Reference": "the preprocessed T1w of --anat-derivatives"
-        if precomputed
+        "Reference": str(precomputed.t1w)
+        if precomputed is not None
         else f"{anat}_desc-preproc_T1w.nii.gz",
         "Transforms": [f"{perf}_from-aslref_to-T1w_mode-image_xfm.txt"],
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from nipype.interfaces.utility import IdentityInterface
@@ -63,6 +64,7 @@ def init_asl_wf(
     template_files: Mapping[str, Mapping[str, str]] | None = None,
     space_records: Mapping[str, dict] | None = None,
     t1w_grid: str | None = None,
+    anat_derivatives: Mapping[str, Any] | None = None,
 ):
     """One ASL run, from the raw series to its derivatives.
 
@@ -78,6 +80,9 @@ def init_asl_wf(
         Files and sidecar blocks of the template spaces, by label.
     t1w_grid
         A file on the participant's T1w grid.
+    anat_derivatives
+        With ``--anat-derivatives``: ``{"Folder", "Files"}``, the folder and the files of it
+        the run uses, recorded in ``ProcessingParameters.AnatDerivatives`` of every sidecar.
 
     Inputs
     ------
@@ -131,9 +136,12 @@ def init_asl_wf(
         prefix=run.prefix,
         keys=[d.key for d in planned_derivatives(run, options)],
         sources=run.source_files,
-        parameters=options.sidecar_record(
-            multidelay=run.is_multidelay, anatomy=run.t1w_file is not None and run.has_deltam
-        ),
+        parameters={
+            **options.sidecar_record(
+                multidelay=run.is_multidelay, anatomy=run.t1w_file is not None and run.has_deltam
+            ),
+            **({"AnatDerivatives": dict(anat_derivatives)} if anat_derivatives else {}),
+        },
     )
     workflow.connect([
         (load, hmc_wf, [("out_file", "inputnode.asl_file")]),
@@ -259,7 +267,7 @@ def _connect_spaces(workflow, run, options, targets, template_files, space_recor
     the coregistration record); ``anatomy`` (the node with the T1w record), with a T1w.
     """
     anatomy = run.t1w_file is not None
-    templates = sorted({s.name for s in targets if s.is_template})
+    templates = sorted({s.template_key for s in targets if s.is_template})
     # reference-region calibration from the segmentation: the M0 step waits for the tissue
     # maps, so the coregistration cannot use the M0 step's outputs (mean control instead)
     from_segmentation = (
@@ -267,6 +275,8 @@ def _connect_spaces(workflow, run, options, targets, template_files, space_recor
         and not options.m0_reference_mask
     )  # fmt: skip
     name = "mean control image" if from_segmentation else reference_name(run)
+    # failures name the BIDS file the reference comes from, not its copy in the work dir
+    source_file = run.m0_file if name == "M0" and run.m0_file else run.asl_file
     spaces_wf = init_asl_spaces_wf(
         spaces=targets,
         anatomy=anatomy,
@@ -276,6 +286,7 @@ def _connect_spaces(workflow, run, options, targets, template_files, space_recor
         reference_name=name,
         pvc=options.pvc and run.has_deltam,
         seed=options.seed,
+        source_file=source_file,
     )
     reference = (
         (stages["m0"], "outputnode.m0_file")
@@ -298,6 +309,7 @@ def _connect_spaces(workflow, run, options, targets, template_files, space_recor
             ("outputnode.cbf_pvwm", "inputnode.cbf_pvwm"),
             ("outputnode.xfm_targets", "inputnode.xfm_targets"),
             ("outputnode.xfm_files", "inputnode.xfm_files"),
+            ("outputnode.xfm_records", "inputnode.xfm_records"),
         ]),
     ])  # fmt: skip
     if not anatomy:
@@ -314,7 +326,9 @@ def _connect_spaces(workflow, run, options, targets, template_files, space_recor
             "source": f"{prior.name} tissue priors (no T1w)",
             "spaces": spaces_wf,
         }
-    coreg_wf = init_coreg_wf(reference_name=name, own_mask=from_segmentation, seed=options.seed)
+    coreg_wf = init_coreg_wf(
+        reference_name=name, own_mask=from_segmentation, seed=options.seed, source_file=source_file
+    )
     fields = ANAT_FIELDS + [deformation_field(t) for t in templates]
     inputnode = pe.Node(IdentityInterface(fields=[*fields, "anat_record"]), name="inputnode")
     renamed = dict(zip(ANAT_FIELDS, ANAT_INPUTS, strict=True))
@@ -330,7 +344,8 @@ def _connect_spaces(workflow, run, options, targets, template_files, space_recor
     ])  # fmt: skip
     if from_segmentation:
         region = pe.Node(
-            ReferenceRegionFromTissue(tissue=options.m0_calibration), name="reference_region"
+            ReferenceRegionFromTissue(tissue=options.m0_calibration, source_file=run.asl_file),
+            name="reference_region",
         )
         workflow.connect([
             (coreg_wf, region, [("outputnode.tissue_file", "tissue_file")]),

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
+from aslprep_lite.interfaces.anatomical import REFERENCE_REGION_FRACTION
 from aslprep_lite.interfaces.hmc import ApplyHeadMotion, EstimateHeadMotion
 from aslprep_lite.interfaces.m0 import PrepareM0
 from aslprep_lite.interfaces.registration import RigidRegistration
@@ -266,8 +267,13 @@ def init_m0_wf(
         prepare.inputs.m0_estimate = m0_estimate
     if reference_mask:
         prepare.inputs.reference_mask = reference_mask
+        prepare.inputs.reference_source = reference_mask
     elif calibration != "voxel" and has_deltam:  # from the T1w segmentation (coreg_wf)
         workflow.connect([(inputnode, prepare, [("reference_mask", "reference_mask")])])
+        prepare.inputs.reference_source = (
+            f"T1w segmentation (p{calibration.upper()} > {REFERENCE_REGION_FRACTION:g} on the "
+            "ASL grid)"
+        )
     if m0_type == "Separate" and m0_file:
         prepare.inputs.m0_file = m0_file
         prepare.inputs.m0_source = m0_source

@@ -15,7 +15,7 @@ from aslprep_lite.interfaces.outputs import WriteDerivatives
 METADATA = [
     "cbf_metadata", "m0_metadata", "confounds_metadata", "maps_metadata", "tissue_metadata",
     "pvc_metadata", "coregistration_metadata", "resampled", "xfm_targets", "xfm_files",
-    "qc_metadata", "score_metadata",
+    "qc_metadata", "score_metadata", "xfm_records",
 ]  # fmt: skip
 #: One input per derivative of the output specification, named by its key.
 FIELDS = [d.key for d in ASL_DERIVATIVES] + METADATA

@@ -9,6 +9,7 @@ the template's tissue priors stand in for a segmentation.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 from nipype.interfaces.utility import IdentityInterface, Merge
@@ -94,13 +95,17 @@ def spaces_methods(
     return text.strip()
 
 
-def init_coreg_wf(*, reference_name: str, own_mask: bool, seed: int, name: str = "coreg_wf"):
+def init_coreg_wf(
+    *, reference_name: str, own_mask: bool, seed: int, source_file: str, name: str = "coreg_wf"
+):
     """Rigid ASL → T1w coregistration and the T1w tissue maps on the ASL grid.
 
     Parameters
     ----------
     reference_name
         What the ASL reference is (M0 or mean control).
+    source_file
+        The BIDS file the reference comes from (M0 or ASL series): failures name it.
     own_mask
         Make the ASL brain mask from the reference (when the M0 step's mask is not available
         yet: its reference-region calibration needs this stage's tissue maps).
@@ -136,8 +141,11 @@ def init_coreg_wf(*, reference_name: str, own_mask: bool, seed: int, name: str =
         IdentityInterface(fields=["matrix_file", "xfm_file", "record", "tissue_file"]),
         name="outputnode",
     )
-    coreg = pe.Node(CoregisterAsl(reference_name=reference_name, seed=seed), name="coregister")
-    to_asl = pe.Node(TissueOnAsl(), name="tissue_on_asl")
+    coreg = pe.Node(
+        CoregisterAsl(reference_name=reference_name, seed=seed, source_file=source_file),
+        name="coregister",
+    )
+    to_asl = pe.Node(TissueOnAsl(source_file=source_file), name="tissue_on_asl")
     probseg = pe.Node(Merge(3), name="probseg")
     workflow.connect([
         (inputnode, coreg, [("reference", "reference_file"), ("t1w_preproc", "t1w_file"),
@@ -166,6 +174,7 @@ def init_asl_spaces_wf(
     reference_name: str,
     pvc: bool,
     seed: int,
+    source_file: str,
     name: str = "spaces_wf",
 ):
     """Tissue measures, PVC and resampling of one run (T1w-free: also its registration).
@@ -186,6 +195,8 @@ def init_asl_spaces_wf(
         What the ASL reference is (M0 or mean control), for the methods and sidecars.
     pvc
         Write the partial-volume corrected maps (needs ``anatomy``).
+    source_file
+        The run's BIDS file that failures name (the ASL series, or its M0 scan).
 
     Inputs
     ------
@@ -210,9 +221,12 @@ def init_asl_spaces_wf(
         The ASL reference's registration transforms (ITK), by target.
     tissue_file
         The tissue fractions on the ASL grid the tissue means used (when there are any).
+    xfm_records
+        T1w-free: each target's registration record, in that order.
     """
-    templates = sorted({s.name for s in spaces if s.is_template})
-    template_of = {s.label: s.name for s in spaces if s.is_template}
+    # one registration per template and cohort (X or X+N), whatever the resolutions
+    templates = sorted({s.template_key for s in spaces if s.is_template})
+    template_of = {s.label: s.template_key for s in spaces if s.is_template}
     priors = next(
         (files for label, files in template_files.items()
          if all(r in files for r in ("GM", "WM"))),
@@ -248,7 +262,7 @@ def init_asl_spaces_wf(
         IdentityInterface(
             fields=[
                 "resampled", "tissue_metadata", "pvc_metadata", "coregistration_metadata",
-                "cbf_pvgm", "cbf_pvwm", "xfm_targets", "xfm_files", "tissue_file",
+                "cbf_pvgm", "cbf_pvwm", "xfm_targets", "xfm_files", "xfm_records", "tissue_file",
             ]
         ),
         name="outputnode",
@@ -257,13 +271,15 @@ def init_asl_spaces_wf(
         {
             "label": s.label,
             "grid": t1w_grid if not s.is_template else template_files[s.label]["T1w"],
-            "template": s.name if s.is_template else None,
+            "template": s.template_key if s.is_template else None,
             "record": dict(space_records.get(s.label, {})),
         }
         for s in spaces
     ]
     resample = pe.Node(
-        ResampleToSpaces(spaces=entries, templates=templates), name="resample", mem_gb=1.0
+        ResampleToSpaces(spaces=entries, templates=templates, source_file=source_file),
+        name="resample",
+        mem_gb=1.0,
     )
     workflow.connect([(inputnode, resample, [(k, k) for k in RESAMPLED_KEYS])])
     xfm_files = pe.Node(Merge(max(1, len(templates)) if not anatomy else 1), name="xfm_files")
@@ -286,6 +302,8 @@ def init_asl_spaces_wf(
         tissue_source = "T1w segmentation"
     else:
         matrices = pe.Node(Merge(len(templates)), name="template_matrices")
+        # each template's registration record goes with that template's outputs
+        align_records = pe.Node(Merge(len(templates)), name="align_records")
         outputnode.inputs.xfm_targets = list(templates)
         for index, template in enumerate(templates, start=1):
             label = next(lbl for lbl, name in template_of.items() if name == template)
@@ -295,22 +313,31 @@ def init_asl_spaces_wf(
                     template=template,
                     template_files=dict(template_files[label]),
                     seed=seed,
+                    source_file=source_file,
                 ),
-                name=f"align_{template}",
+                name="align_" + re.sub(r"\W", "_", template),
             )
             workflow.connect([
                 (inputnode, align, [("reference", "reference_file"),
                                     ("asl_mask", "asl_mask_file")]),
                 (align, matrices, [("matrix_file", f"in{index}")]),
                 (align, xfm_files, [("xfm_file", f"in{index}")]),
+                (align, align_records, [("record", f"in{index}")]),
             ])  # fmt: skip
-            if index == 1:
+            if index == 1:  # the native maps' sidecars: the first template's registration
                 workflow.connect([(align, outputnode, [("record", "coregistration_metadata")])])
-        workflow.connect([(matrices, resample, [("out", "template_to_asl")])])
+        workflow.connect([
+            (matrices, resample, [("out", "template_to_asl")]),
+            (align_records, resample, [("out", "coregistrations")]),
+            (align_records, outputnode, [("out", "xfm_records")]),
+        ])  # fmt: skip
         if priors is not None:
             label = next(lbl for lbl, f in template_files.items() if f is priors)
             to_asl = pe.Node(
-                TissueOnAsl(probseg=[priors[r] for r in _PRIOR_ROLES if r in priors]),
+                TissueOnAsl(
+                    probseg=[priors[r] for r in _PRIOR_ROLES if r in priors],
+                    source_file=source_file,
+                ),
                 name="tissue_on_asl",
             )
             index = templates.index(template_of[label])
@@ -324,7 +351,8 @@ def init_asl_spaces_wf(
 
     if tissue:
         measures = pe.Node(
-            TissueCbf(tissue_source=tissue_source, pvc=pvc and anatomy), name="tissue_cbf"
+            TissueCbf(tissue_source=tissue_source, pvc=pvc and anatomy, source_file=source_file),
+            name="tissue_cbf",
         )
         workflow.connect([
             (inputnode, measures, [("cbf", "cbf_file"), ("asl_mask", "mask_file")]),
