@@ -2,7 +2,8 @@
 
 Writes, for each run, what the participant level leaves in ``OUT/sub-<label>/perf``: the QC
 table (:func:`aslprep_lite.quant.qc.write_qc_tsv`, one row), its sidecar, and optionally a CBF
-map in ``MNI152NLin2009aSym`` at 2 mm (the template's grid: 97 x 115 x 97), plus the raw
+map in ``MNI152NLin2009aSym`` at 2 mm (the template's grid: 97 x 115 x 97) with its brain mask
+there (``…_desc-brain_mask.nii.gz``, the same ellipsoid for every run), plus the raw
 dataset's ASL file names (empty files: the group level only globs them). Deterministic: the
 values come from ``numpy.random.default_rng(seed)``, the gzip headers carry no time stamp.
 """
@@ -71,6 +72,7 @@ def write_group_derivatives(
     template_maps: bool = True,
     shape: Sequence[int] = TEMPLATE_SHAPE,
     affine: np.ndarray = TEMPLATE_AFFINE,
+    masks: bool = True,
 ) -> list[str]:
     """Write ``n_runs`` participants' QC tables (and template CBF maps).
 
@@ -89,6 +91,8 @@ def write_group_derivatives(
         Also write ``space-MNI152NLin2009aSym_res-2_cbf.nii.gz`` maps.
     shape, affine
         The template grid (the real res-2 grid by default).
+    masks
+        With ``template_maps``, also write each map's ``…_desc-brain_mask.nii.gz``.
 
     Returns
     -------
@@ -128,4 +132,10 @@ def write_group_derivatives(
             image.set_qform(affine, code=4)
             image.set_sform(affine, code=4)
             write_nifti(image, perf / f"sub-{label}_space-MNI152NLin2009aSym_res-2_cbf.nii.gz")
+            if masks:
+                mask = nb.Nifti1Image(brain.astype(np.uint8), affine)
+                mask.set_qform(affine, code=4)
+                mask.set_sform(affine, code=4)
+                name = f"sub-{label}_space-MNI152NLin2009aSym_res-2_desc-brain_mask.nii.gz"
+                write_nifti(mask, perf / name)
     return labels

@@ -2,12 +2,12 @@
 
 :func:`aslprep_lite.synthetic_group.write_group_derivatives` writes what the participant level
 leaves for the group level: per run, the QC table and its sidecar and a CBF map in
-``MNI152NLin2009aSym`` at 2 mm (the template's 97 x 115 x 97 grid), plus, to make pybids'
-indexing realistic, ``--clutter`` other small files per run (anatomy, figures, logs, perf
-sidecars). One run has a planted fault (GM CBF ten times too low). The real command line
-``aslprep-lite BIDS OUT group`` is then run ``--repeats`` times as a subprocess (a fresh
-interpreter each time, imports included) under ``/usr/bin/time -v`` when available, and the
-script checks that exactly the planted run is flagged.
+``MNI152NLin2009aSym`` at 2 mm (the template's 97 x 115 x 97 grid) with its brain mask there,
+plus, to make pybids' indexing realistic, ``--clutter`` other small files per run (anatomy,
+figures, logs, perf sidecars). One run has a planted fault (GM CBF ten times too low). The
+real command line ``aslprep-lite BIDS OUT group`` is then run ``--repeats`` times as a
+subprocess (a fresh interpreter each time, imports included) under ``/usr/bin/time -v`` when
+available, and the script checks that exactly the planted run is flagged.
 
 Target: 50 runs in at most 10 s.
 

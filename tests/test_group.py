@@ -19,12 +19,14 @@ import pytest
 from aslprep_lite.cli.run import main
 from aslprep_lite.group.table import OUTLIER_METRICS
 from aslprep_lite.quant.qc import COLUMNS
-from aslprep_lite.synthetic_group import write_group_derivatives
+from aslprep_lite.synthetic_group import TEMPLATE_AFFINE, write_group_derivatives
 
 SHAPE = (12, 14, 10)
 MAP = "space-MNI152NLin2009aSym_res-2_cbf.nii.gz"
 GROUP_MEAN = "group_space-MNI152NLin2009aSym_res-2_desc-mean_cbf"
 GROUP_SD = "group_space-MNI152NLin2009aSym_res-2_desc-sd_cbf"
+GROUP_COUNT = "group_space-MNI152NLin2009aSym_res-2_desc-count_mask"
+MASK = "space-MNI152NLin2009aSym_res-2_desc-brain_mask.nii.gz"
 GROUP_FILES = (
     "group.html",
     "group_desc-qualitycontrol_cbf.tsv",
@@ -33,6 +35,8 @@ GROUP_FILES = (
     f"{GROUP_MEAN}.json",
     f"{GROUP_SD}.nii.gz",
     f"{GROUP_SD}.json",
+    f"{GROUP_COUNT}.nii.gz",
+    f"{GROUP_COUNT}.json",
     "figures/group_desc-qcmetrics_boxplot.png",
     "figures/group_space-MNI152NLin2009aSym_res-2_desc-mosaic_cbf.png",
 )
@@ -298,5 +302,147 @@ def test_undefined_metrics(tmp_path):
         "Scale": None,
         "ScaleEstimator": "none",
         "RunsWithValue": 0,
+        "Side": "high",
+        "Rule": "z > 3.5",
     }
     assert metrics["qei"]["RunsWithValue"] == 5
+
+
+def _write_map(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> None:
+    affine = TEMPLATE_AFFINE if affine is None else affine
+    dtype = np.uint8 if path.name.endswith("_mask.nii.gz") else np.float32
+    nb.save(nb.Nifti1Image(data.astype(dtype), affine), path)
+
+
+def test_space_t1w_maps_are_not_a_template(tmp_path, capsys):
+    # each participant's space-T1w map is on its own T1w grid: not averaged, not an error
+    bids, out = _dataset(tmp_path, n=2)
+    for label, shape in (("01", (5, 6, 7)), ("02", (6, 7, 8))):
+        perf = out / f"sub-{label}" / "perf"
+        affine = np.diag([1.1, 1.2, 1.3, 1.0]) if label == "02" else np.eye(4)
+        _write_map(perf / f"sub-{label}_space-T1w_cbf.nii.gz", np.full(shape, 60.0), affine)
+        _write_map(perf / f"sub-{label}_space-T1w_desc-brain_mask.nii.gz", np.ones(shape), affine)
+    assert _group(bids, out, "--dry-run") == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [Path(p).name for p in plan["template_maps"]] == [f"sub-01_{MAP}", f"sub-02_{MAP}"]
+    assert _group(bids, out) == 0
+    assert not list(out.glob("group_space-T1w*"))
+    assert not list(out.glob("figures/group_space-T1w*"))
+    assert (out / f"{GROUP_MEAN}.nii.gz").is_file() and (out / f"{GROUP_SD}.nii.gz").is_file()
+    assert "space-T1w" not in (out / "group.html").read_text()
+
+
+def _flag_overrides(last: dict[str, float]) -> dict[int, dict[str, float]]:
+    """Six runs: hand-set QEI, mean FD and GM spatial CoV; run 5's values from ``last``."""
+    qei = [0.80, 0.81, 0.82, 0.83, 0.84]
+    fd = [0.10, 0.11, 0.12, 0.13, 0.14]
+    scov = [0.38, 0.39, 0.40, 0.41, 0.42]
+    overrides = {
+        i: {"qei": q, "mean_fd": f, "gm_spatial_cov": c}
+        for i, (q, f, c) in enumerate(zip(qei, fd, scov, strict=True))
+    }
+    overrides[5] = dict(last)
+    return overrides
+
+
+def test_outlier_flags_only_the_side_of_poor_quality(tmp_path):
+    # unusually good run: QEI 0.97, FD 0.02 mm, sCoV 0.10; flagged by a two-sided rule, not here
+    good = {"qei": 0.97, "mean_fd": 0.02, "gm_spatial_cov": 0.10}
+    bids, out = _dataset(tmp_path / "good", n=6, overrides=_flag_overrides(good))
+    assert _group(bids, out) == 0
+    rows = _read_tsv(out / "group_desc-qualitycontrol_cbf.tsv")
+    # QEI: median 0.825, MAD 0.015: z = 0.6745 * 0.145 / 0.015 = 6.5202
+    # FD: median 0.115, MAD 0.015: z = -0.6745 * 0.095 / 0.015 = -4.2718
+    # sCoV: median 0.395, MAD 0.015: z = -0.6745 * 0.295 / 0.015 = -13.2652
+    assert float(rows[5]["qei_z"]) == pytest.approx(6.5202, abs=1e-4)
+    assert float(rows[5]["mean_fd_z"]) == pytest.approx(-4.2718, abs=1e-4)
+    assert float(rows[5]["gm_spatial_cov_z"]) == pytest.approx(-13.2652, abs=1e-4)
+    assert [r["outlier"] for r in rows] == ["0"] * 6
+    assert (rows[5]["qei_outlier"], rows[5]["mean_fd_outlier"]) == ("0", "0")
+    assert rows[5]["gm_spatial_cov_outlier"] == "0"
+    mean = json.loads((out / f"{GROUP_MEAN}.json").read_text())
+    assert mean["RunsIncluded"] == 6 and mean["ExcludedRuns"] == []
+    assert "qei z < -3.5" in mean["ExclusionRule"]
+
+    # the same run on the side of poor quality is flagged on all three
+    bad = {"qei": 0.60, "mean_fd": 0.60, "gm_spatial_cov": 0.70}
+    bids, out = _dataset(tmp_path / "bad", n=6, overrides=_flag_overrides(bad))
+    assert _group(bids, out) == 0
+    rows = _read_tsv(out / "group_desc-qualitycontrol_cbf.tsv")
+    # QEI: median 0.815, MAD 0.015: z = -0.6745 * 0.215 / 0.015 = -9.6678
+    # FD: median 0.125, MAD 0.015: z = 0.6745 * 0.475 / 0.015 = 21.3592
+    # sCoV: median 0.405, MAD 0.015: z = 0.6745 * 0.295 / 0.015 = 13.2652
+    assert float(rows[5]["qei_z"]) == pytest.approx(-9.6678, abs=1e-4)
+    assert float(rows[5]["mean_fd_z"]) == pytest.approx(21.3592, abs=1e-4)
+    assert float(rows[5]["gm_spatial_cov_z"]) == pytest.approx(13.2652, abs=1e-4)
+    flags = [rows[5][f"{m}_outlier"] for m in ("qei", "mean_fd", "gm_spatial_cov")]
+    assert flags == ["1", "1", "1"] and rows[5]["outlier"] == "1"
+    assert [r["outlier"] for r in rows[:5]] == ["0"] * 5
+    mean = json.loads((out / f"{GROUP_MEAN}.json").read_text())
+    assert mean["RunsIncluded"] == 5 and mean["ExcludedRuns"] == ["sub-06"]
+
+    # each metric's side is recorded in the sidecar and the report
+    sidecar = json.loads((out / "group_desc-qualitycontrol_cbf.json").read_text())
+    metrics = sidecar["OutlierDetection"]["Metrics"]
+    assert {m: (metrics[m]["Side"], metrics[m]["Rule"]) for m in OUTLIER_METRICS} == {
+        "gm_cbf": ("both", "|z| > 3.5"),
+        "gm_spatial_cov": ("high", "z > 3.5"),
+        "mean_fd": ("high", "z > 3.5"),
+        "qei": ("low", "z < -3.5"),
+    }
+    assert sidecar["qei_outlier"]["Description"].startswith("1 when qei_z < -3.5, else 0")
+    assert sidecar["gm_cbf_outlier"]["Description"].startswith("1 when |gm_cbf_z| > 3.5")
+    html = (out / "group.html").read_text()
+    assert "<code>qei</code> z &lt; -3.5" in html
+    assert "<code>mean_fd</code> z &gt; 3.5" in html
+    assert "<code>gm_spatial_cov</code> z &gt; 3.5" in html
+    assert "<code>gm_cbf</code> |z| &gt; 3.5" in html
+
+
+def test_group_maps_average_over_the_runs_covering_a_voxel(tmp_path, capsys):
+    bids, out = _dataset(tmp_path, n=3)
+    brain = nb.load(out / "sub-01" / "perf" / f"sub-01_{MASK}").get_fdata() > 0
+    centre = tuple(n // 2 for n in SHAPE)
+    edge = tuple(int(i) for i in np.argwhere(brain)[0])  # the first brain voxel: at the edge
+    assert brain[centre] and brain[edge]
+    mask2 = brain.copy()
+    mask2[edge] = False
+    values = {"01": (50.0, brain), "02": (70.0, mask2), "03": (90.0, mask2)}
+    for label, (value, mask) in values.items():
+        perf = out / f"sub-{label}" / "perf"
+        _write_map(perf / f"sub-{label}_{MAP}", np.where(mask, value, 0.0))
+        _write_map(perf / f"sub-{label}_{MASK}", mask)
+    (out / "sub-03" / "perf" / f"sub-03_{MASK}").unlink()  # falls back to its nonzero voxels
+    assert _group(bids, out) == 0
+    assert (
+        "WARNING: group_space-MNI152NLin2009aSym_res-2: no brain mask in this space for sub-03: "
+        "their finite nonzero voxels are averaged instead"
+    ) in capsys.readouterr().err
+    mean = nb.load(out / f"{GROUP_MEAN}.nii.gz").get_fdata()
+    sd = nb.load(out / f"{GROUP_SD}.nii.gz").get_fdata()
+    count = nb.load(out / f"{GROUP_COUNT}.nii.gz")
+    # the edge voxel: only sub-01 covers it, its mean is sub-01's 50 (not 50 / 3 = 16.7)
+    assert (mean[edge], sd[edge]) == (50.0, 0.0)
+    # inside every mask: mean of 50, 70, 90 and SD (n - 1) 20
+    assert mean[centre] == pytest.approx(70.0, abs=1e-5)
+    assert sd[centre] == pytest.approx(20.0, abs=1e-5)
+    # outside every mask: no run, 0
+    assert mean[0, 0, 0] == 0.0 and sd[0, 0, 0] == 0.0
+    assert count.get_data_dtype() == np.uint16
+    counts = np.asarray(count.dataobj)
+    assert (counts[edge], counts[centre], counts[0, 0, 0]) == (1, 3, 0)
+    np.testing.assert_array_equal(counts, brain.astype(int) + 2 * mask2)
+    sidecar = json.loads((out / f"{GROUP_MEAN}.json").read_text())
+    assert sidecar["RunsWithoutMask"] == ["sub-03"]
+    assert "brain mask" in sidecar["Description"] and "weighs the same" in sidecar["Description"]
+    assert "count_mask" in sidecar["Description"]
+
+
+def test_brain_mask_on_another_grid(tmp_path, capsys):
+    bids, out = _dataset(tmp_path, n=2)
+    odd = out / "sub-02" / "perf" / f"sub-02_{MASK}"
+    _write_map(odd, np.ones((SHAPE[0] - 1, *SHAPE[1:])))
+    assert _group(bids, out) == 1
+    _assert_one_line_and_nothing_written(
+        capsys, out, str(odd), "brain mask not on the grid of its CBF map"
+    )

@@ -80,12 +80,26 @@ def test_group_map_and_report(group_run):
     sidecar = json.loads((out / f"{stem}-mean_cbf.json").read_text())
     assert sidecar["RunsIncluded"] == 5 and sidecar["ExcludedRuns"] == [f"sub-{FAULTY}"]
     mean = nb.load(out / f"{stem}-mean_cbf.nii.gz").get_fdata()
-    maps = [
-        nb.load(out / f"sub-{label}" / "perf" / f"sub-{label}_{SPACE}_cbf.nii.gz").get_fdata()
-        for label in PARTICIPANTS
-        if label != FAULTY
-    ]
-    np.testing.assert_allclose(mean, np.mean(maps, axis=0), atol=1e-3)
+    perf = [out / f"sub-{label}" / "perf" for label in PARTICIPANTS if label != FAULTY]
+    maps = np.array([nb.load(p / f"{p.parent.name}_{SPACE}_cbf.nii.gz").get_fdata() for p in perf])
+    masks = np.array(
+        [
+            nb.load(p / f"{p.parent.name}_{SPACE}_desc-brain_mask.nii.gz").get_fdata() > 0
+            for p in perf
+        ]
+    )
+    # each voxel averaged over the runs whose template-space brain mask covers it, 0 where none
+    count = masks.sum(axis=0)
+    expected = np.divide(
+        (maps * masks).sum(axis=0), count, out=np.zeros(count.shape), where=count > 0
+    )
+    np.testing.assert_allclose(mean, expected, atol=1e-3)
+    counts = np.asarray(nb.load(out / f"group_{SPACE}_desc-count_mask.nii.gz").dataobj)
+    np.testing.assert_array_equal(counts, count)
+    # where every mask covers the voxel: the plain mean of the runs
+    inside = count == len(perf)
+    assert inside.sum() > 1000
+    np.testing.assert_allclose(mean[inside], maps.mean(axis=0)[inside], atol=1e-3)
     html = (out / "group.html").read_text()
     assert not re.search(r"(https?:)?//", html)
     assert all((out / src).is_file() for src in re.findall(r'<img src="([^"]+)"', html))

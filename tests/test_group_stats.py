@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from aslprep_lite.quant.group import MEANAD_CONSTANT, robust_z
+from aslprep_lite.quant.group import MEANAD_CONSTANT, OUTLIER_SIDES, robust_z
 
 
 def test_hand_values():
@@ -65,3 +65,50 @@ def test_small_and_empty_groups():
     empty = robust_z([None, None])
     assert empty.n == 0 and not empty.flags.any() and np.isnan(empty.z).all()
     assert math.isnan(empty.median) and empty.scale_estimator == "none"
+
+
+def test_sides():
+    # median 3, MAD 1: z(100) = 0.6745 * 97 = 65.4265, z(-94) = -65.4265
+    high, low = [1.0, 2.0, 3.0, 4.0, 100.0], [-94.0, 2.0, 3.0, 4.0, 5.0]
+    assert robust_z(high, side="high").flags.tolist() == [False] * 4 + [True]
+    assert robust_z(high, side="low").flags.tolist() == [False] * 5
+    assert robust_z(low, side="low").flags.tolist() == [True] + [False] * 4
+    assert robust_z(low, side="high").flags.tolist() == [False] * 5
+    assert robust_z(low, side="both").flags.tolist() == [True] + [False] * 4
+    result = robust_z(low, side="low")
+    assert result.z[0] == pytest.approx(-65.4265, abs=1e-9) and result.side == "low"
+    # the threshold stays strict on each side: z = -3.5 exactly is not flagged
+    x = -3.5 / 0.6745
+    result = robust_z([3.0, 2.0, 1.0, 1.0, 0.0, -1.0, -1.0, x, x - 1e-6], side="low")
+    assert result.flags.tolist() == [False] * 8 + [True]
+    with pytest.raises(ValueError, match="side must be one of"):
+        robust_z(high, side="upper")
+
+
+def test_metric_sides():
+    assert OUTLIER_SIDES == {
+        "gm_cbf": "both",
+        "gm_spatial_cov": "high",
+        "mean_fd": "high",
+        "qei": "low",
+    }
+    # an unusually good QEI (0.97 among 0.80-0.84) is not flagged, a poor one (0.60) is:
+    # median 0.825 / 0.815, MAD 0.015
+    good = robust_z([0.80, 0.81, 0.82, 0.83, 0.84, 0.97], side=OUTLIER_SIDES["qei"])
+    assert good.z[5] == pytest.approx(0.6745 * 0.145 / 0.015, rel=1e-9)
+    assert good.z[5] == pytest.approx(6.5202, abs=1e-4) and not good.flags.any()
+    poor = robust_z([0.80, 0.81, 0.82, 0.83, 0.84, 0.60], side=OUTLIER_SIDES["qei"])
+    assert poor.z[5] == pytest.approx(-9.6678, abs=1e-4)
+    assert poor.flags.tolist() == [False] * 5 + [True]
+    # mean FD 0.02 mm among 0.10-0.14 (median 0.115, MAD 0.015): z = -4.2718, not flagged
+    still = robust_z([0.10, 0.11, 0.12, 0.13, 0.14, 0.02], side=OUTLIER_SIDES["mean_fd"])
+    assert still.z[5] == pytest.approx(-4.2718, abs=1e-4) and not still.flags.any()
+    moving = robust_z([0.10, 0.11, 0.12, 0.13, 0.14, 0.60], side=OUTLIER_SIDES["mean_fd"])
+    assert moving.z[5] == pytest.approx(21.3592, abs=1e-4)
+    assert moving.flags.tolist() == [False] * 5 + [True]
+    # GM CBF both ways: a tenth (6) and twice (120) the median 60; |x - 60| sorted
+    # 0 1 1 2 2 54 60: MAD 2, z = 0.6745 * (-54) / 2 = -18.2115 and 0.6745 * 60 / 2 = 20.235
+    cbf = [58.0, 59.0, 60.0, 61.0, 62.0, 6.0, 120.0]
+    result = robust_z(cbf, side=OUTLIER_SIDES["gm_cbf"])
+    np.testing.assert_allclose(result.z[5:], [-18.2115, 20.235], rtol=1e-12)
+    assert result.flags.tolist() == [False] * 5 + [True, True]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aslprep_lite.errors import AslprepError
 from aslprep_lite.quant.qc import COLUMNS, Value, read_qc_tsv
+from aslprep_lite.spaces import NONSTANDARD
 
 __all__ = [
     "GroupInputs",
@@ -28,11 +29,14 @@ __all__ = [
 
 QC_SUFFIX = "_desc-qualitycontrol_cbf.tsv"
 #: ``<prefix>_space-<tpl>[_cohort-<c>][_res-<r>]_cbf.nii.gz`` (the resampled CBF, no desc).
+#: ``space-T1w`` matches too: :func:`collect_inputs` leaves it out (each participant's own grid).
 _TEMPLATE_CBF = re.compile(
     r"^(?P<prefix>sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*?)"
     r"_space-(?P<space>[A-Za-z0-9]+)(?:_cohort-(?P<cohort>[A-Za-z0-9]+))?"
     r"(?:_res-(?P<res>[A-Za-z0-9]+))?_cbf\.nii\.gz$"
 )
+#: The run's brain mask in the same space, written beside its CBF map.
+MASK_SUFFIX = "_desc-brain_mask.nii.gz"
 #: Folders of the output directory that never hold the files read here.
 _IGNORED = re.compile(r"/(anat|figures|log|logs|func|dwi|fmap)(/|$)")
 
@@ -51,13 +55,14 @@ class QcRun:
 
 @dataclass(frozen=True)
 class TemplateMap:
-    """A run's CBF map in a template space."""
+    """A run's CBF map in a template space, and its brain mask there (None when missing)."""
 
     prefix: str
     space: str
     cohort: str | None
     res: str | None
     path: Path
+    mask: Path | None = None
 
     @property
     def key(self) -> tuple[str, str | None, str | None]:
@@ -151,6 +156,10 @@ def collect_inputs(
 ) -> GroupInputs:
     """Find and read the QC rows and template maps of the selected participants.
 
+    Template maps are the ``space-<tpl>…_cbf.nii.gz`` of template spaces only (not
+    ``space-T1w``, which is on each participant's own grid), each with its
+    ``…_desc-brain_mask.nii.gz`` when that exists.
+
     Raises
     ------
     AslprepError
@@ -202,9 +211,14 @@ def collect_inputs(
         )
     maps = []
     for name in layout.get(suffix="cbf", extension=".nii.gz", desc=None, **query):
-        match = _TEMPLATE_CBF.match(Path(name).name)
-        if match:
-            maps.append(TemplateMap(path=Path(name), **match.groupdict()))
+        path = Path(name)
+        match = _TEMPLATE_CBF.match(path.name)
+        # space-T1w maps are each on their participant's own T1w grid: not a common space
+        if match and match["space"] not in NONSTANDARD:
+            mask = path.with_name(path.name[: -len("_cbf.nii.gz")] + MASK_SUFFIX)
+            maps.append(
+                TemplateMap(path=path, mask=mask if mask.is_file() else None, **match.groupdict())
+            )
     maps.sort(key=lambda m: (m.key[0], m.key[1] or "", m.key[2] or "", m.prefix))
     return GroupInputs(
         runs=runs,

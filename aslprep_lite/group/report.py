@@ -15,7 +15,7 @@ from html import escape
 
 from aslprep_lite import __version__
 from aslprep_lite.group.inputs import GroupInputs
-from aslprep_lite.group.table import OUTLIER_METRICS, GroupTable
+from aslprep_lite.group.table import OUTLIER_METRICS, GroupTable, flag_rule
 from aslprep_lite.quant.group import MIN_RELIABLE, Z_THRESHOLD
 from aslprep_lite.quant.qc import COLUMNS
 
@@ -144,9 +144,9 @@ def render_report(
         "<h2>Distributions</h2>",
         f'<img src="{escape(distributions)}" alt="distribution of the QC metrics">',
         "<p>One point per run; red diamonds are outliers: robust z-score "
-        f"0.6745 (x &minus; median) / MAD beyond &plusmn;{Z_THRESHOLD:g} (Iglewicz &amp; "
-        "Hoaglin 1993), over the runs with a value. Screened: "
-        + ", ".join(f"<code>{m}</code>" for m in OUTLIER_METRICS)
+        f"z = 0.6745 (x &minus; median) / MAD beyond {Z_THRESHOLD:g} (Iglewicz &amp; "
+        "Hoaglin 1993), over the runs with a value, on the side of poor quality only: "
+        + ", ".join(f"<code>{m}</code> {escape(flag_rule(m))}" for m in OUTLIER_METRICS)
         + ".</p>",
         "<h2>Outliers</h2>",
     ]

@@ -20,7 +20,7 @@ from aslprep_lite.group.figures import distributions_png, mosaic_png
 from aslprep_lite.group.inputs import GroupInputs, TemplateMap, collect_inputs
 from aslprep_lite.group.maps import group_map
 from aslprep_lite.group.report import MapSection, render_report
-from aslprep_lite.group.table import GroupTable, dump_json, group_table
+from aslprep_lite.group.table import GroupTable, dump_json, group_table, rule_text
 from aslprep_lite.images import save_image
 
 __all__ = ["GROUP_REPORT", "GROUP_TABLE", "run_group"]
@@ -30,7 +30,7 @@ LOGGER = logging.getLogger("aslprep_lite")
 GROUP_TABLE = "group_desc-qualitycontrol_cbf.tsv"
 GROUP_REPORT = "group.html"
 FIGURES = "figures"
-_STALE_MAPS = "group_space-*_desc-*_cbf.*"
+_STALE_MAPS = ("group_space-*_desc-*_cbf.*", "group_space-*_desc-count_mask.*")
 
 Writer = Callable[[Path], None]
 
@@ -94,10 +94,26 @@ def _plan_maps(
                 "%s: every run with a map in this space is an outlier: no group map", stem
             )
             continue
-        result = group_map([m.path for m in used])
+        result = group_map([m.path for m in used], [m.mask for m in used])
+        unmasked = sorted(m.prefix for m in used if m.mask is None)
+        if unmasked:
+            LOGGER.warning(
+                "%s: no brain mask in this space for %s: their finite nonzero voxels are "
+                "averaged instead",
+                stem,
+                ", ".join(unmasked),
+            )
         # BIDS URIs into this dataset (the derivatives), as the participant sidecars name
         # their raw sources with bids:raw:
         sources = [f"bids::{m.path.relative_to(output_dir).as_posix()}" for m in used]
+        coverage = (
+            "voxel by voxel over the runs whose brain mask in this space "
+            "(<prefix>_space-…_desc-brain_mask.nii.gz, beside the CBF map) covers the voxel "
+            "and whose value there is finite (a run without that mask: its finite nonzero "
+            "voxels); every run weighs the same, so a participant with several runs counts "
+            "several times"
+        )
+        count_file = f"{stem}_desc-count_mask.nii.gz"
         for desc, data, what in (
             ("mean", result.mean, "Mean"),
             ("sd", result.sd, "Standard deviation (n - 1)"),
@@ -107,17 +123,19 @@ def _plan_maps(
             outputs[name.replace(".nii.gz", ".json")] = _text(
                 dump_json(
                     {
-                        "Description": f"{what} of the runs' CBF maps in {stem[6:]}, voxel by "
-                        "voxel over the runs with a finite value there (0 where none, or for "
-                        "the SD fewer than two, has)",
+                        "Description": f"{what} of the runs' CBF maps in {stem[6:]}, "
+                        f"{coverage}; 0 where no run (for the SD, fewer than two) covers the "
+                        f"voxel. The number of runs per voxel: {count_file}",
                         "Units": "mL/100 g/min",
                         "RunsIncluded": len(used),
                         "Sources": sources,
+                        "RunsWithoutMask": unmasked,
                         "OutliersExcluded": table.reliable,
                         "ExcludedRuns": left_out,
                         "ExclusionRule": (
                             "runs flagged as outliers on any metric of the group QC table "
-                            "(robust z-score, |z| > 3.5) are left out"
+                            f"(robust z-score, on the side of poor quality: {rule_text()}) "
+                            "are left out"
                             if table.reliable
                             else f"no run left out: {table.n} runs are too few for reliable "
                             "outlier flags"
@@ -125,6 +143,18 @@ def _plan_maps(
                     }
                 )
             )
+        outputs[count_file] = _nifti(result.count, result.reference, dtype=np.uint16)
+        outputs[count_file.replace(".nii.gz", ".json")] = _text(
+            dump_json(
+                {
+                    "Description": f"Number of runs averaged in each voxel of the group maps "
+                    f"in {stem[6:]}: the runs whose brain mask covers the voxel and whose "
+                    "CBF there is finite (without a mask: nonzero and finite)",
+                    "Units": "1",
+                    "RunsIncluded": len(used),
+                }
+            )
+        )
         mosaic = f"{FIGURES}/{stem}_desc-mosaic_cbf.png"
         outputs[mosaic] = _bytes(mosaic_png(result.mean, result.sd))
         sections.append(
@@ -140,9 +170,9 @@ def _plan_maps(
     return outputs, sections
 
 
-def _nifti(data: np.ndarray, reference) -> Writer:
+def _nifti(data: np.ndarray, reference, dtype: type = np.float32) -> Writer:
     def write(path: Path) -> None:
-        save_image(data, reference, path)
+        save_image(data, reference, path, dtype=dtype)
 
     return write
 
@@ -166,7 +196,7 @@ def _commit(output_dir: Path, outputs: dict[str, Writer]) -> None:
     # group maps and figures of an earlier group run that this one did not make (a template
     # no longer among the runs' spaces) would disagree with the new table
     written = {output_dir / name for name in outputs}
-    for pattern in (_STALE_MAPS, f"{FIGURES}/group_*.png"):
+    for pattern in (*_STALE_MAPS, f"{FIGURES}/group_*.png"):
         for path in output_dir.glob(pattern):
             if path not in written:
                 path.unlink(missing_ok=True)

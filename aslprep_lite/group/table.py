@@ -3,7 +3,8 @@
 Identifiers (``participant_id``, ``session_id``, ``run``, ``prefix``), the columns of the
 per-run table (:data:`aslprep_lite.quant.qc.COLUMNS`), then for each metric of
 :data:`OUTLIER_METRICS` its robust z-score (``<metric>_z``) and flag (``<metric>_outlier``,
-1 or 0, ``n/a`` where the value is), and ``outlier``: 1 when any metric is flagged.
+1 or 0, ``n/a`` where the value is; only the metric's poor-quality side is flagged,
+:data:`aslprep_lite.quant.group.OUTLIER_SIDES`), and ``outlier``: 1 when any metric is flagged.
 """
 
 from __future__ import annotations
@@ -18,18 +19,38 @@ from aslprep_lite.group.inputs import QcRun
 from aslprep_lite.quant.group import (
     IGLEWICZ_HOAGLIN_1993,
     MIN_RELIABLE,
+    OUTLIER_SIDES,
+    SIDES,
     Z_THRESHOLD,
     RobustZ,
     robust_z,
 )
 from aslprep_lite.quant.qc import COLUMNS, qc_sidecar
 
-__all__ = ["IDENTIFIERS", "OUTLIER_METRICS", "GroupTable", "group_table"]
+__all__ = [
+    "IDENTIFIERS",
+    "OUTLIER_METRICS",
+    "GroupTable",
+    "flag_rule",
+    "group_table",
+    "rule_text",
+]
 
 #: The metrics screened for outliers: mean GM CBF (calibration, labelling), the spatial CoV
 #: (vascular artefacts, long transit times), mean FD (head motion) and the QEI (overall map
-#: quality).
-OUTLIER_METRICS = ("gm_cbf", "gm_spatial_cov", "mean_fd", "qei")
+#: quality). Each is flagged on one side or both (:data:`aslprep_lite.quant.group.OUTLIER_SIDES`).
+OUTLIER_METRICS = tuple(OUTLIER_SIDES)
+
+
+def flag_rule(metric: str) -> str:
+    """The flag rule of ``metric`` as text, e.g. ``z < -3.5`` for the QEI."""
+    return SIDES[OUTLIER_SIDES[metric]].format(t=Z_THRESHOLD)
+
+
+def rule_text() -> str:
+    """Every screened metric with its rule, e.g. ``gm_cbf |z| > 3.5, ..., qei z < -3.5``."""
+    return ", ".join(f"{m} {flag_rule(m)}" for m in OUTLIER_METRICS)
+
 
 IDENTIFIERS = {
     "participant_id": {"Description": "Participant label, with its sub- prefix"},
@@ -110,8 +131,9 @@ class GroupTable:
                 "Units": "1",
                 "Reference": IGLEWICZ_HOAGLIN_1993,
             }
+            rule = flag_rule(metric).replace("z", f"{metric}_z", 1)
             sidecar[f"{metric}_outlier"] = {
-                "Description": f"1 when |{metric}_z| > {Z_THRESHOLD:g}, else 0",
+                "Description": f"1 when {rule}, else 0 (only the side of poor quality is flagged)",
                 "Levels": {"0": "not an outlier", "1": "outlier"},
             }
         sidecar["outlier"] = {
@@ -121,7 +143,9 @@ class GroupTable:
         sidecar["TissueSources"] = sorted(set(tissue_sources))
         sidecar["QEIParameters"] = qei_parameters
         sidecar["OutlierDetection"] = {
-            "Method": "robust (modified) z-score, |z| > threshold",
+            "Method": "robust (modified) z-score beyond the threshold on the side of poor "
+            "quality of each metric (Side: low, z < -threshold; high, z > threshold; both, "
+            "|z| > threshold)",
             "Threshold": Z_THRESHOLD,
             "Reference": IGLEWICZ_HOAGLIN_1993,
             "Runs": self.n,
@@ -137,6 +161,8 @@ class GroupTable:
                     "Scale": _json_number(score.scale),
                     "ScaleEstimator": score.scale_estimator,
                     "RunsWithValue": score.n,
+                    "Side": score.side,
+                    "Rule": flag_rule(metric),
                 }
                 for metric, score in self.scores.items()
             },
@@ -160,7 +186,9 @@ def _json_number(value: float) -> float | None:
 def group_table(runs: Sequence[QcRun]) -> GroupTable:
     """Robust z-scores of :data:`OUTLIER_METRICS` over ``runs`` (in the order given)."""
     runs = list(runs)
-    scores = {m: robust_z([run.row[m] for run in runs]) for m in OUTLIER_METRICS}
+    scores = {
+        m: robust_z([run.row[m] for run in runs], side=OUTLIER_SIDES[m]) for m in OUTLIER_METRICS
+    }
     return GroupTable(runs=runs, scores=scores)
 
 
