@@ -389,3 +389,24 @@ def test_cohort_templates_are_asked_with_their_cohort(monkeypatch, tmp_path):
         ("MNIPediatricAsym", 2, {"desc": "brain", "suffix": "mask", "cohort": "2"}),
         ("MNIPediatricAsym", 2, {"label": "WM", "suffix": "probseg", "cohort": "2"}),
     ]
+
+
+def test_cohort_space_maps_are_drawn_over_their_cohort(fake_output, monkeypatch):
+    """A CBF map in space-X_cohort-N is drawn over X's cohort-N T1w."""
+    from aslprep_lite.reports import participant
+    from aslprep_lite.reports.status import RunStatus
+
+    asked = []
+
+    def fake(template, resolution, **entities):
+        asked.append((template, resolution, entities))
+        return None
+
+    monkeypatch.setattr(participant, "_template_file", fake)
+    bids, out = fake_output
+    perf = out / "sub-01" / "perf"
+    _save(np.ones(SHAPE), perf / "sub-01_space-MNIPediatricAsym_cohort-2_res-2_cbf.nii.gz")
+    status = RunStatus("sub-01/perf/sub-01_asl.nii.gz", "sub-01", "01", None, "ok")
+    html = participant.run_section(participant.Page(out, bids, "01"), status)
+    assert asked == [("MNIPediatricAsym", 2, {"desc": None, "suffix": "T1w", "cohort": "2"})]
+    assert "CBF resampled to space-MNIPediatricAsym_cohort-2_res-2." in html
