@@ -198,6 +198,13 @@ def test_asl_space_only_without_t1w(processed, tmp_path):
     perf = tmp_path / "out" / "sub-still" / "perf"
     sidecar = json.loads((perf / "sub-still_desc-qualitycontrol_cbf.json").read_text())
     assert "no template output space" in sidecar["TissueSource"]
+    # the Dice of this run is that of the QC's own registration: the sidecar says so
+    assert sidecar["TissueSource"] == (
+        "MNI152NLin2009aSym tissue priors (no T1w and no template output space: brought to the "
+        "ASL grid by an affine registration of the ASL reference to the template, made for the "
+        "quality control only; coregistration_dice is the Dice of the ASL and template brain "
+        "masks after this registration)"
+    )
     (row,) = read_qc_tsv(perf / "sub-still_desc-qualitycontrol_cbf.tsv")
     assert row["gm_cbf"] is not None and row["coregistration_dice"] is not None
     assert (perf / "sub-still_desc-score_cbf.nii.gz").is_file()

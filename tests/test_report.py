@@ -224,3 +224,189 @@ def test_status_keeps_runs_of_earlier_invocations(fake_output):
     write_reports(out, bids, [], [(str(second), "run 2 <failed>")])
     record = json.loads((out / "logs" / "sub-01_runs.json").read_text())
     assert [r["Prefix"] for r in record["Runs"]] == ["sub-01_run-2"]
+
+
+def test_removed_volumes_of_mixed_contexts():
+    """A CBF volume is removed when any of its source volumes is flagged: pairs, deltam and
+    cbf volumes, in the order of quant.deltam.timeseries_sources."""
+    from aslprep_lite.reports.participant import _removed_volumes
+
+    context = ["m0scan", "control", "label", "deltam", "cbf", "control", "label"]
+    # CBF series: pair (1, 2), deltam 3, cbf 4, pair (5, 6); SCORE removed cbf 4 and pair 5-6
+    index = np.array([0, 0, 0, 0, 1, 1, 1.0])
+    assert _removed_volumes(index, 4, context).tolist() == [False, False, True, True]
+    # a pair with its label first (volumes 1-2) between two deltam volumes; flagging only one
+    # volume of the pair removes it
+    context = ["deltam", "label", "control", "deltam"]
+    assert _removed_volumes(np.array([0, 1, 0, 0.0]), 3, context).tolist() == [
+        False,
+        True,
+        False,
+    ]
+    assert _removed_volumes(np.array([1, 0, 0, 1.0]), 3, context).tolist() == [
+        True,
+        False,
+        True,
+    ]
+    # rows that are not those of the context, or a CBF series of another length: unmatched
+    assert _removed_volumes(np.zeros(6), 4, context) is None
+    assert _removed_volumes(np.zeros(4), 4, context) is None
+
+
+def test_status_badge_is_escaped(fake_output):
+    from aslprep_lite.reports.participant import Page, run_section
+    from aslprep_lite.reports.status import RunStatus
+
+    bids, out = fake_output
+    status = RunStatus("sub-01/perf/sub-01_asl.nii.gz", "sub-01", "01", None, 'ok"><x>')
+    html = run_section(Page(out, bids, "01"), status)
+    assert '<span class="badge ok&quot;&gt;&lt;x&gt;">ok&quot;&gt;&lt;x&gt;</span>' in html
+    assert "<x>" not in html
+
+
+def _annexed(bids: Path, relative: str, data: np.ndarray) -> Path:
+    """``bids/relative`` as DataLad/git-annex stores it: a relative symbolic link to an
+    object under ``.git/annex/objects`` whose name has no BIDS entities."""
+    key = "MD5E-s1234--0123456789abcdef0123456789abcdef.nii.gz"
+    target = bids / ".git" / "annex" / "objects" / "Xk" / "3q" / key / key
+    _save(data, target)
+    link = bids / relative
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.exists() or link.is_symlink():
+        link.unlink()
+    link.symlink_to(Path("../" * (len(Path(relative).parts) - 1)) / target.relative_to(bids))
+    return link
+
+
+def test_annexed_asl_file_keeps_its_bids_path(fake_output, tmp_path):
+    """A DataLad dataset: the record names the BIDS file, not the annex object, and the report
+    finds the raw sidecar and aslcontext beside it."""
+    bids, out = fake_output
+    rng = np.random.default_rng(2)
+    raw = rng.random((*SHAPE, N_VOLUMES)).astype(np.float32)
+    link = _annexed(bids, "sub-01/perf/sub-01_asl.nii.gz", raw)
+    assert ".git/annex/objects" in str(link.resolve())
+    perf = bids / "sub-01" / "perf"
+    (perf / "sub-01_asl.json").write_text(
+        json.dumps({"ArterialSpinLabelingType": "PCASL", "M0Type": "Estimate"})
+    )
+    (perf / "sub-01_aslcontext.tsv").write_text("volume_type\n" + "deltam\n" * N_VOLUMES)
+    write_reports(out, bids, [str(link)], [])
+    record = json.loads((out / "logs" / "sub-01_runs.json").read_text())
+    assert [r["AslFile"] for r in record["Runs"]] == ["sub-01/perf/sub-01_asl.nii.gz"]
+    page = (out / "sub-01.html").read_text()
+    assert '<p class="source">sub-01/perf/sub-01_asl.nii.gz</p>' in page
+    assert "<tr><th>Labeling</th><td>PCASL</td></tr>" in page
+    assert "<tr><th>M0Type</th><td>Estimate</td></tr>" in page
+    assert (out / "sub-01" / "figures" / "sub-01_desc-carpet_asl.png").is_file()
+    # one CBF volume per deltam volume of the aslcontext: SCORE's removals are matched
+    assert f"{len(REMOVED)} volume(s) removed by SCORE marked" in page
+    # the dataset reached through a link of its own: the file is still named within it
+    alias = tmp_path / "alias"
+    alias.symlink_to(bids)
+    (run,) = collect_statuses(alias, [str(link)], [])["01"]
+    assert run.asl_file == "sub-01/perf/sub-01_asl.nii.gz"
+    # a file outside the dataset (should not happen) keeps its whole path
+    outside = tmp_path / "elsewhere" / "sub-09_asl.nii.gz"
+    (run,) = collect_statuses(bids, [str(outside)], [])["09"]
+    assert run.asl_file == str(outside)
+
+
+def test_report_with_reused_anatomy(fake_output, tmp_path):
+    """--anat-derivatives: no anat/ in the output; the report takes the T1w, mask, dseg and
+    transform that the CBF sidecar's ProcessingParameters.AnatDerivatives names."""
+    from aslprep_lite.quant.warps import Deformation
+
+    bids, out = fake_output
+    deriv = tmp_path / "smriprep"
+    anat = deriv / "sub-01" / "anat"
+    grid = np.indices(SHAPE)
+    centre = np.array(SHAPE)[:, None, None, None] / 2
+    radius = (((grid - centre) / (np.array(SHAPE)[:, None, None, None] / 2.5)) ** 2).sum(0)
+    brain = radius < 1
+    dseg = np.where(radius < 0.4, 2, np.where(brain, 1, 0))
+    _save(np.where(brain, 100.0, 0.0), anat / "sub-01_desc-preproc_T1w.nii.gz")
+    _save(brain, anat / "sub-01_desc-brain_mask.nii.gz")
+    _save(dseg, anat / "sub-01_dseg.nii.gz")
+    tpl = "MNI152NLin2009aSym"
+    xfm = anat / f"sub-01_from-T1w_to-{tpl}_mode-image_xfm.h5"
+    Deformation.from_affine(np.eye(4), SHAPE, AFFINE).to_itk_file(xfm)
+    perf = out / "sub-01" / "perf"
+    _save(np.where(brain, 60.0, 0.0), perf / "sub-01_space-T1w_cbf.nii.gz")
+    _save(brain, perf / "sub-01_space-T1w_desc-brain_mask.nii.gz")
+    sidecar = json.loads((perf / "sub-01_cbf.json").read_text())
+    folder = "sub-01/anat/sub-01_"
+    sidecar["ProcessingParameters"] = {
+        "AnatDerivatives": {
+            "Folder": str(deriv),
+            "Files": [
+                f"{folder}desc-preproc_T1w.nii.gz", f"{folder}desc-brain_mask.nii.gz",
+                f"{folder}dseg.nii.gz", f"{folder}label-CSF_probseg.nii.gz",
+                f"{folder}label-GM_probseg.nii.gz", f"{folder}label-WM_probseg.nii.gz",
+                f"{folder}from-T1w_to-{tpl}_mode-image_xfm.h5",
+                f"{folder}from-{tpl}_to-T1w_mode-image_xfm.h5",
+            ],
+        }
+    }  # fmt: skip
+    (perf / "sub-01_cbf.json").write_text(json.dumps(sidecar))
+    write_reports(out, bids, [str(bids / "sub-01/perf/sub-01_asl.nii.gz")], [])
+    assert not (out / "sub-01" / "anat").exists()
+    figures = sorted(p.name for p in (out / "sub-01" / "figures").iterdir())
+    assert figures == [
+        "sub-01_desc-MNI152NLin2009aSym_T1w.png",
+        "sub-01_desc-cbf_asl.png",
+        "sub-01_desc-cbfseries_asl.png",
+        "sub-01_desc-coreg_asl.png",
+        "sub-01_desc-motion_asl.png",
+        "sub-01_desc-score_asl.png",
+        "sub-01_desc-scrub_asl.png",
+        "sub-01_desc-seg_T1w.png",
+    ]
+    page = (out / "sub-01.html").read_text()
+    assert '<li><a href="#anatomy">Anatomy</a></li>' in page
+    assert f"through sub-01_from-T1w_to-{tpl}_mode-image_xfm.h5" in page
+
+
+def test_cohort_templates_are_asked_with_their_cohort(monkeypatch, tmp_path):
+    """A transform to X+N asks TemplateFlow for X with cohort N (else several files match)."""
+    from aslprep_lite.reports import participant
+
+    asked = []
+
+    def fake(template, resolution, **entities):
+        asked.append((template, resolution, entities))
+        return None
+
+    monkeypatch.setattr(participant, "_template_file", fake)
+    anat = tmp_path / "out" / "sub-01" / "anat"
+    _save(np.ones(SHAPE), anat / "sub-01_desc-preproc_T1w.nii.gz")
+    (anat / "sub-01_from-T1w_to-MNIPediatricAsym+2_mode-image_xfm.h5").write_bytes(b"")
+    page = participant.Page(tmp_path / "out", tmp_path / "bids", "01")
+    page.anatomy = participant.anatomy_files(tmp_path / "out", "01", [])
+    participant.anatomy_section(page)
+    assert asked == [
+        ("MNIPediatricAsym", 2, {"desc": None, "suffix": "T1w", "cohort": "2"}),
+        ("MNIPediatricAsym", 2, {"desc": "brain", "suffix": "mask", "cohort": "2"}),
+        ("MNIPediatricAsym", 2, {"label": "WM", "suffix": "probseg", "cohort": "2"}),
+    ]
+
+
+def test_cohort_space_maps_are_drawn_over_their_cohort(fake_output, monkeypatch):
+    """A CBF map in space-X_cohort-N is drawn over X's cohort-N T1w."""
+    from aslprep_lite.reports import participant
+    from aslprep_lite.reports.status import RunStatus
+
+    asked = []
+
+    def fake(template, resolution, **entities):
+        asked.append((template, resolution, entities))
+        return None
+
+    monkeypatch.setattr(participant, "_template_file", fake)
+    bids, out = fake_output
+    perf = out / "sub-01" / "perf"
+    _save(np.ones(SHAPE), perf / "sub-01_space-MNIPediatricAsym_cohort-2_res-2_cbf.nii.gz")
+    status = RunStatus("sub-01/perf/sub-01_asl.nii.gz", "sub-01", "01", None, "ok")
+    html = participant.run_section(participant.Page(out, bids, "01"), status)
+    assert asked == [("MNIPediatricAsym", 2, {"desc": None, "suffix": "T1w", "cohort": "2"})]
+    assert "CBF resampled to space-MNIPediatricAsym_cohort-2_res-2." in html

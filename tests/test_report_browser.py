@@ -48,6 +48,8 @@ FIGURES = {
         "sub-01_ses-a_desc-motion_asl.png",
         "sub-01_ses-a_desc-carpet_asl.png",
         "sub-01_ses-a_desc-cbfseries_asl.png",
+        "sub-01_ses-a_desc-score_asl.png",
+        "sub-01_ses-a_desc-scrub_asl.png",
         "sub-01_ses-b_desc-cbf_asl.png",
         "sub-01_ses-b_desc-deltam_asl.png",
         "sub-01_ses-b_desc-m0_asl.png",

@@ -491,3 +491,96 @@ def test_reused_anatomy_is_named_in_the_sidecars(runs, space_resources, tmp_path
     }
     assert records["T1w"]["Reference"] == str(precomputed.t1w)
     assert records[f"{tpl}:res-2"]["Transforms"][1] == str(precomputed.to_template[tpl])
+
+
+def _source_file_unset(workflow: pe.Workflow) -> list[str]:
+    """Nodes whose interface has a mandatory ``source_file`` input that no one set."""
+    unset = []
+    for name in workflow.list_node_names():
+        node = workflow.get_node(name)
+        if "source_file" in node.interface.inputs.traits(mandatory=True):
+            if not isdefined(node.inputs.source_file):
+                unset.append(name)
+    return unset
+
+
+@pytest.mark.parametrize(
+    ("t1w", "spaces"),
+    [(False, "asl"), (True, "asl"), (False, "default"), (True, "default"),
+     (False, "no-priors"), (True, "reused")],
+)  # fmt: skip
+def test_every_node_names_its_source_file(runs, space_resources, t1w, spaces, tmp_path):
+    """Every node whose failures name the BIDS file (a mandatory ``source_file``) is given it,
+    in each branch of the participant's graph: a node built without it fails at run time."""
+    from dataclasses import replace
+
+    import nibabel as nb
+    import numpy as np
+
+    from aslprep_lite.bids.anat_derivatives import PrecomputedAnatomy
+    from aslprep_lite.config import ExecutionOptions, OutputOptions, Settings
+    from aslprep_lite.workflows.base import init_aslprep_lite_wf
+
+    t1w_file = tmp_path / "T1w.nii.gz"
+    nb.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)).to_filename(t1w_file)
+    run = replace(runs["separate"], t1w_file=str(t1w_file) if t1w else None)
+    resources = space_resources
+    if spaces == "asl":
+        resources = replace(resources, spaces=resources.spaces[:1], template_files={})
+    elif spaces == "no-priors":  # template spaces without GM/WM maps: the QC's own priors
+        resources = replace(
+            resources,
+            template_files={
+                label: {r: p for r, p in files.items() if r in ("T1w", "mask")}
+                for label, files in resources.template_files.items()
+            },
+        )
+    elif spaces == "reused":  # --anat-derivatives
+        anat = tmp_path / "smriprep" / "sub-separate" / "anat"
+        anat.mkdir(parents=True)
+        tpl = "MNI152NLin2009aSym"
+        names = {
+            "t1w": "desc-preproc_T1w", "mask": "desc-brain_mask", "dseg": "dseg",
+            "GM": "label-GM_probseg", "WM": "label-WM_probseg", "CSF": "label-CSF_probseg",
+        }  # fmt: skip
+        paths = {k: anat / f"sub-separate_{v}.nii.gz" for k, v in names.items()}
+        for path in paths.values():
+            path.touch()
+        xfms = {d: anat / f"sub-separate_{d}_mode-image_xfm.h5"
+                for d in (f"from-T1w_to-{tpl}", f"from-{tpl}_to-T1w")}  # fmt: skip
+        for path in xfms.values():
+            path.touch()
+        precomputed = PrecomputedAnatomy(
+            source=anat.parents[1],
+            t1w=paths["t1w"],
+            mask=paths["mask"],
+            dseg=paths["dseg"],
+            probseg={t: paths[t] for t in ("GM", "WM", "CSF")},
+            to_template={tpl: xfms[f"from-T1w_to-{tpl}"]},
+            from_template={tpl: xfms[f"from-{tpl}_to-T1w"]},
+            dseg_labels={1: "GM", 2: "WM", 3: "CSF"},
+        )
+        run = replace(run, t1w_file=str(precomputed.t1w))
+        resources = replace(resources, precomputed={"separate": precomputed})
+    settings = Settings(
+        execution=ExecutionOptions(bids_dir=tmp_path, work_dir=tmp_path / "w"),
+        quantification=QuantificationOptions(),
+        outputs=OutputOptions(output_dir=tmp_path / "o", output_spaces=resources.spaces),
+    )
+    workflow = init_aslprep_lite_wf(settings, [run], resources)
+    nodes = set(workflow.list_node_names())
+    prefix = "sub_separate_wf.asl_sub_separate."
+    # the branch under test is the one built: the QC registers its own priors without tissue
+    own_priors = not t1w and spaces in ("asl", "no-priors")
+    assert (prefix + "qc_wf.align_priors" in nodes) == own_priors
+    assert (prefix + "qc_wf.priors_on_asl" in nodes) == own_priors
+    assert _source_file_unset(workflow) == []
+    if own_priors:  # the Separate M0 is the reference: failures name the M0 scan
+        for node in ("align_priors", "priors_on_asl"):
+            assert workflow.get_node(prefix + "qc_wf." + node).inputs.source_file == run.m0_file
+        # the QC sidecar says that coregistration_dice is the Dice of this registration
+        qc = workflow.get_node(prefix + "qc_wf.qc")
+        assert qc.inputs.tissue_source.endswith(
+            "made for the quality control only; coregistration_dice is the Dice of the ASL and "
+            "template brain masks after this registration)"
+        )

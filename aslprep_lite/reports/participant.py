@@ -139,6 +139,8 @@ class Page:
         self.subject = subject
         self.images = ImageCache()
         self.figures: list[Figure] = []
+        #: The participant's anatomy (:func:`anatomy_files`); set by :func:`build_report`.
+        self.anatomy: dict = {}
 
     @property
     def figure_dir(self) -> Path:
@@ -165,6 +167,11 @@ class Page:
 # --------------------------------------------------------------------------------------------
 
 
+def _nifti_stem(name: str) -> str:
+    """A NIfTI file's name without ``.nii`` or ``.nii.gz``."""
+    return re.sub(r"\.nii(\.gz)?$", "", name)
+
+
 def _template_file(template: str, resolution: int, **entities) -> Path | None:
     try:
         from aslprep_lite.templates import get_template
@@ -179,17 +186,88 @@ def _template_volume(page: Page, template: str, resolution: int, **entities) -> 
     return page.images.get(path) if path is not None else None
 
 
+def _template_entities(template_key: str) -> tuple[str, dict[str, str]]:
+    """TemplateFlow's name and query entities of a template key: ``X`` or ``X+N`` (cohort N,
+    as sMRIPrep names transforms); without the cohort, a template that comes in cohorts
+    matches several files."""
+    name, _, cohort = template_key.partition("+")
+    return name, ({"cohort": cohort} if cohort else {})
+
+
+def anatomy_files(output_dir: Path, subject: str, runs: Sequence[RunStatus]) -> dict:
+    """The participant's preprocessed T1w, brain mask, segmentation and ``from-T1w_to-<tpl>``
+    transforms.
+
+    Parameters
+    ----------
+    output_dir : Path
+        The output folder.
+    subject : str
+        The participant label.
+    runs : sequence of RunStatus
+        The participant's runs: their CBF sidecars name a reused anatomy.
+
+    Returns
+    -------
+    dict
+        ``t1w``, ``mask``, ``dseg`` (Path or None) and ``xfms`` (list of Path): those of
+        ``OUT/sub-<label>/anat/`` when it has the T1w, else those of ``--anat-derivatives``
+        named by ``ProcessingParameters.AnatDerivatives`` of the first run's CBF sidecar that
+        has it (a reused anatomy is not copied into the output); empty without either.
+    """
+    name = f"sub-{subject}"
+    anat = Path(output_dir) / name / "anat"
+    t1w = anat / f"{name}_desc-preproc_T1w.nii.gz"
+    if t1w.is_file():
+        return {
+            "t1w": t1w,
+            "mask": anat / f"{name}_desc-brain_mask.nii.gz",
+            "dseg": anat / f"{name}_dseg.nii.gz",
+            "xfms": sorted(anat.glob(f"{name}_from-T1w_to-*_mode-image_xfm.h5")),
+        }
+    for run in runs:
+        folder = Path(output_dir) / name
+        if run.session:
+            folder = folder / f"ses-{run.session}"
+        sidecar = _json(folder / "perf" / f"{run.prefix}_cbf.json")
+        parameters = sidecar.get("ProcessingParameters")
+        reused = parameters.get("AnatDerivatives") if isinstance(parameters, dict) else None
+        if not isinstance(reused, dict) or not isinstance(reused.get("Files"), list):
+            continue
+        files = [Path(str(reused.get("Folder", ""))) / str(f) for f in reused["Files"]]
+
+        def first(pattern: str, files=files) -> Path | None:
+            return next((f for f in files if re.search(pattern, f.name)), None)
+
+        return {
+            "t1w": first(r"_T1w\.nii(\.gz)?$"),
+            "mask": first(r"_mask\.nii(\.gz)?$"),
+            "dseg": first(r"_dseg\.nii(\.gz)?$"),
+            "xfms": sorted(
+                (f for f in files if re.search(r"_from-T1w_to-[A-Za-z0-9+]+_mode-image_xfm\.h5$",
+                                               f.name)),
+                key=lambda f: f.name,
+            ),
+        }  # fmt: skip
+    return {}
+
+
 def anatomy_section(page: Page) -> str:
     """T1w with its brain mask, its segmentation, and each normalization; "" without a T1w."""
     from aslprep_lite.reports.figures import Outline, Volume, mosaic
 
-    anat = page.output_dir / f"sub-{page.subject}" / "anat"
     name = f"sub-{page.subject}"
-    t1w = page.images.get(anat / f"{name}_desc-preproc_T1w.nii.gz")
+    files = page.anatomy
+
+    def volume(key: str) -> Volume | None:
+        path = files.get(key)
+        return page.images.get(path) if path is not None else None
+
+    t1w = volume("t1w")
     if t1w is None:
         return ""
-    mask = page.images.get(anat / f"{name}_desc-brain_mask.nii.gz")
-    dseg = page.images.get(anat / f"{name}_dseg.nii.gz")
+    mask = volume("mask")
+    dseg = volume("dseg")
     parts = []
     if dseg is not None:
         outlines = [
@@ -209,12 +287,18 @@ def anatomy_section(page: Page) -> str:
                 ),
             )
         )
-    for xfm in sorted(anat.glob(f"{name}_from-T1w_to-*_mode-image_xfm.h5")):
+    for xfm in files.get("xfms", []):
         template = re.search(r"_to-([A-Za-z0-9+]+)_mode", xfm.name).group(1)
-        tpl_name = template.split("+")[0]
-        reference = _template_volume(page, tpl_name, NORMALIZATION_RES, desc=None, suffix="T1w")
-        tpl_mask = _template_volume(page, tpl_name, NORMALIZATION_RES, desc="brain", suffix="mask")
-        tpl_wm = _template_volume(page, tpl_name, NORMALIZATION_RES, label="WM", suffix="probseg")
+        tpl_name, cohort = _template_entities(template)
+        reference = _template_volume(
+            page, tpl_name, NORMALIZATION_RES, desc=None, suffix="T1w", **cohort
+        )
+        tpl_mask = _template_volume(
+            page, tpl_name, NORMALIZATION_RES, desc="brain", suffix="mask", **cohort
+        )
+        tpl_wm = _template_volume(
+            page, tpl_name, NORMALIZATION_RES, label="WM", suffix="probseg", **cohort
+        )
         if reference is None:
             continue
 
@@ -250,7 +334,10 @@ def anatomy_section(page: Page) -> str:
                 draw,
             )
         )
-    sidecar = _json(anat / f"{name}_dseg.json")
+    dseg_file = files.get("dseg")
+    sidecar = {}
+    if dseg_file is not None:
+        sidecar = _json(dseg_file.with_name(_nifti_stem(dseg_file.name) + ".json"))
     rows = []
     normalization = sidecar.get("Normalization", {})
     if normalization:
@@ -414,7 +501,8 @@ def run_section(page: Page, status: RunStatus) -> str:
     prefix = status.prefix
     parts = [
         f'<section class="run" id="run-{_e(prefix)}">'
-        f'<h2>{_e(prefix)} <span class="badge {status.status}">{status.status}</span></h2>'
+        f'<h2>{_e(prefix)} <span class="badge {_e(status.status)}">{_e(status.status)}</span>'
+        "</h2>"
         f'<p class="source">{_e(status.asl_file)}</p>'
     ]
     if status.error:
@@ -469,12 +557,13 @@ def run_section(page: Page, status: RunStatus) -> str:
             )
         )
     # ASL -> T1w coregistration: the T1w under the CBF in T1w space
-    anat = page.output_dir / f"sub-{status.subject}" / "anat"
-    t1w = images.get(anat / f"sub-{status.subject}_desc-preproc_T1w.nii.gz")
+    # (the participant's T1w and segmentation: in anat/, or those of --anat-derivatives)
+    t1w_file, dseg_file = page.anatomy.get("t1w"), page.anatomy.get("dseg")
+    t1w = images.get(t1w_file) if t1w_file is not None else None
     cbf_t1w = images.get(path("space-T1w_cbf.nii.gz"))
     if t1w is not None and cbf_t1w is not None:
         asl_mask_t1w = images.get(path("space-T1w_desc-brain_mask.nii.gz"))
-        dseg = images.get(anat / f"sub-{status.subject}_dseg.nii.gz")
+        dseg = images.get(dseg_file) if dseg_file is not None else None
 
         def coregistration() -> bytes:
             outlines = []
@@ -516,8 +605,14 @@ def run_section(page: Page, status: RunStatus) -> str:
             continue
         template = re.match(r"space-([A-Za-z0-9]+)", entities).group(1)
         resolution = re.search(r"res-(\d+)", entities)
+        cohort = re.search(r"cohort-(\d+)", entities)
         background = _template_volume(
-            page, template, int(resolution.group(1)) if resolution else 1, desc=None, suffix="T1w"
+            page,
+            template,
+            int(resolution.group(1)) if resolution else 1,
+            desc=None,
+            suffix="T1w",
+            **({"cohort": cohort.group(1)} if cohort else {}),
         )
         if background is not None and background.data.shape != space.data.shape:
             background = None  # a cohort or resolution we cannot match: the map alone
@@ -628,8 +723,12 @@ def run_section(page: Page, status: RunStatus) -> str:
     if timeseries is not None and mask is not None and timeseries.data.ndim == 4:
         removed = None
         if "score_outlier_index" in confounds:
+            # the confounds' rows are the volumes after the dummy scans
+            dummy = cbf_meta.get("ProcessingParameters", {}).get("DummyScans", 0)
             removed = _removed_volumes(
-                confounds["score_outlier_index"], timeseries.data.shape[3], context
+                confounds["score_outlier_index"],
+                timeseries.data.shape[3],
+                context[dummy:] if isinstance(dummy, int) else [],
             )
         n_removed = int(removed.sum()) if removed is not None else None
         caption = "Mean CBF in the brain mask of each volume of the CBF series"
@@ -678,18 +777,41 @@ def _removed_volumes(index: np.ndarray, n_volumes: int, context: Sequence[str]):
     """Which volumes of the CBF series SCORE removed, from the confounds' column
     ``score_outlier_index`` (1 = removed), or None when its rows cannot be matched.
 
-    The column has a row per volume of the CBF series, or a row per volume of the ASL series:
-    then the rows with a value (n/a elsewhere) or, failing that, the ``label`` rows (one per
-    pair) stand for the CBF volumes.
+    Parameters
+    ----------
+    index : numpy.ndarray
+        The column, one row per volume of the ASL series the run processed.
+    n_volumes : int
+        Volumes of the CBF series.
+    context : sequence of str
+        Volume type of each volume of that series (after dummy scans), or empty when the
+        ``aslcontext.tsv`` cannot be read.
+
+    Returns
+    -------
+    numpy.ndarray of bool or None
+        With the context: a CBF volume is removed when any of the series volumes it was made
+        from (:func:`aslprep_lite.quant.deltam.timeseries_sources`: a pair, a ``deltam`` or
+        a ``cbf`` volume) has 1. Without it: the column when it has a row per CBF volume,
+        or its rows with a value (n/a elsewhere) when there are as many.
     """
+    from aslprep_lite.quant.deltam import timeseries_sources
+
+    if context:
+        if len(context) != index.size:
+            return None
+        try:
+            sources = timeseries_sources(context)
+        except ValueError:  # a context the run could not have used
+            return None
+        if len(sources) != n_volumes:
+            return None
+        return np.array([bool(np.any(index[list(rows)] == 1)) for rows in sources])
     if index.size == n_volumes:
         return index == 1
     valued = index[np.isfinite(index)]
     if valued.size == n_volumes:
         return valued == 1
-    labels = [i for i, kind in enumerate(context) if kind == "label"]
-    if len(context) == index.size and len(labels) == n_volumes:
-        return index[labels] == 1
     return None
 
 
@@ -756,6 +878,7 @@ def build_report(
 
     output_dir, bids_dir = Path(output_dir), Path(bids_dir)
     page = Page(output_dir, bids_dir, subject)
+    page.anatomy = anatomy_files(output_dir, subject, runs)
     sections = [run_section(page, run) for run in runs]
     anatomy = anatomy_section(page)
     n_failed = sum(run.status != OK for run in runs)

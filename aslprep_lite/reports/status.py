@@ -24,7 +24,8 @@ Schema (version 1)::
       "Status": "ok"
     }
 
-``AslFile`` is relative to the input dataset; ``Status`` of a run is ``ok`` or ``failed``
+``AslFile`` is relative to the input dataset (symbolic links kept: a DataLad/git-annex file
+is named by its BIDS path, not its annex object); ``Status`` of a run is ``ok`` or ``failed``
 (then ``Error`` is its one line, as printed); the participant's ``Status`` is ``ok`` when
 every run is, else ``failed``. Runs are in the order of their file names. Runs of an earlier
 invocation that this one did not consider stay listed (:func:`with_earlier_runs`).
@@ -33,6 +34,7 @@ invocation that this one did not consider stay listed (:func:`with_earlier_runs`
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -80,9 +82,22 @@ def _entities(asl_file: str) -> tuple[str, str | None, str]:
 
 
 def _relative(path: str, bids_dir: Path) -> str:
+    """``path`` relative to the dataset, symbolic links kept.
+
+    A DataLad/git-annex file is a link into ``.git/annex/objects``: resolving it would give
+    the object's path, whose name has no BIDS entities. Only when the file is not under the
+    dataset as given (e.g. one of them reached through a link to a folder) are the folders
+    resolved, never the file itself; a file not in the dataset at all (should not happen) is
+    kept whole.
+    """
+    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(bids_dir))
+    if relative != os.pardir and not relative.startswith(os.pardir + os.sep):
+        return Path(relative).as_posix()
+    absolute = Path(os.path.abspath(path))
     try:
-        return Path(path).resolve().relative_to(Path(bids_dir).resolve()).as_posix()
-    except ValueError:  # not inside the dataset (should not happen): keep it whole
+        real = absolute.parent.resolve() / absolute.name
+        return real.relative_to(Path(bids_dir).resolve()).as_posix()
+    except ValueError:
         return str(path)
 
 

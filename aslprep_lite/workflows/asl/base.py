@@ -219,6 +219,8 @@ def _connect_qc(workflow, run: AslRun, options: QuantificationOptions, routes: d
         ),
         reference_name=name,
         seed=options.seed,
+        # failures name the BIDS file the reference comes from, as in _connect_spaces
+        source_file=run.m0_file if name == "M0" and run.m0_file else run.asl_file,
     )
     cbf_wf, m0_wf, outputs_wf = stages["cbf"], stages["m0"], stages["outputs"]
     maps = ["att", "fit_failed"] if run.is_multidelay else ["cbf_timeseries"]

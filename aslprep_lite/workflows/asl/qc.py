@@ -31,11 +31,15 @@ SCORE_NOT_APPLICABLE = {
 
 
 def prior_template_source(template: str) -> str:
-    """The tissue source of the QC fallback: template priors, no T1w, no template space."""
+    """The tissue source of the QC fallback: template priors, no T1w, no template space.
+
+    It also says what the row's ``coregistration_dice`` then measures: that registration.
+    """
     return (
         f"{template} tissue priors (no T1w and no template output space: brought to the ASL "
         "grid by an affine registration of the ASL reference to the template, made for the "
-        "quality control only)"
+        "quality control only; coregistration_dice is the Dice of the ASL and template brain "
+        "masks after this registration)"
     )
 
 
@@ -73,6 +77,7 @@ def init_qc_wf(
     prior_files: Mapping[str, str] | None = None,
     reference_name: str = "",
     seed: int = 0,
+    source_file: str | None = None,
     name: str = "qc_wf",
 ):
     """The quality-control table of a run and, for single-delay runs, SCORE and SCRUB.
@@ -90,6 +95,9 @@ def init_qc_wf(
         stage registers to the ASL grid itself (its files by role: T1w, mask, GM, WM).
     reference_name, seed
         The ASL reference and the random seed of that registration.
+    source_file
+        With ``prior_files``: the BIDS file the reference comes from (the M0 or the ASL
+        file), named when that registration fails.
 
     Inputs
     ------
@@ -126,17 +134,21 @@ def init_qc_wf(
         (qc, outputnode, [("out_file", "qc_file"), ("metadata", "qc_metadata")]),
     ])  # fmt: skip
     if prior_files is not None:
+        if not source_file:
+            raise ValueError("init_qc_wf: prior_files needs the source_file they are aligned for")
         align = pe.Node(
             AlignAslToTemplate(
                 reference_name=reference_name,
                 template=prior_template,
                 template_files=dict(prior_files),
                 seed=seed,
+                source_file=source_file,
             ),
             name="align_priors",
         )
         to_asl = pe.Node(
-            TissueOnAsl(probseg=[prior_files["GM"], prior_files["WM"]]), name="priors_on_asl"
+            TissueOnAsl(probseg=[prior_files["GM"], prior_files["WM"]], source_file=source_file),
+            name="priors_on_asl",
         )
         tissue = (to_asl, "out_file")
         workflow.connect([
