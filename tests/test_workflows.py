@@ -504,6 +504,24 @@ def _source_file_unset(workflow: pe.Workflow) -> list[str]:
     return unset
 
 
+def _mandatory_unset(workflow: pe.Workflow) -> list[str]:
+    """``node.input`` of every mandatory input that is neither set nor connected.
+
+    Such a node fails its input check before nipype writes its result file, and nipype's
+    MultiProc then waits for that file forever: the run hangs instead of failing.
+    """
+    graph = workflow._create_flat_graph()  # the graph nipype runs (connections resolved)
+    connected = {node: set() for node in graph.nodes()}
+    for _, node, data in graph.in_edges(data=True):
+        connected[node] |= {dest for _, dest in data["connect"]}
+    return sorted(
+        f"{node.fullname}.{name}"
+        for node in graph.nodes()
+        for name in node.interface.inputs.traits(mandatory=True)
+        if not isdefined(getattr(node.inputs, name)) and name not in connected[node]
+    )
+
+
 @pytest.mark.parametrize(
     ("t1w", "spaces"),
     [(False, "asl"), (True, "asl"), (False, "default"), (True, "default"),
@@ -575,6 +593,7 @@ def test_every_node_names_its_source_file(runs, space_resources, t1w, spaces, tm
     assert (prefix + "qc_wf.align_priors" in nodes) == own_priors
     assert (prefix + "qc_wf.priors_on_asl" in nodes) == own_priors
     assert _source_file_unset(workflow) == []
+    assert _mandatory_unset(workflow) == []
     if own_priors:  # the Separate M0 is the reference: failures name the M0 scan
         for node in ("align_priors", "priors_on_asl"):
             assert workflow.get_node(prefix + "qc_wf." + node).inputs.source_file == run.m0_file
