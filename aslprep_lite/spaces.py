@@ -374,3 +374,20 @@ def anatomy_template_files() -> dict[str, Path]:
     names = {"T1w": "T1w", "mask": "desc-brain_mask", "GM": "label-GM_probseg",
              "WM": "label-WM_probseg"}  # fmt: skip
     return {role: folder / _filename(1, entities) for role, entities in names.items()}
+
+
+def embedded_space_files() -> dict[str, Path]:
+    """The files of the default template space, ``MNI152NLin2009aSym:res-2``, from the
+    embedded home: the same roles and files :func:`check_templates` gives that space there.
+
+    The quality control of a run without a T1w or a template space brings these priors to
+    the ASL grid, so that its table does not depend on which output spaces were asked for.
+    """
+    from aslprep_lite.templates import _filename
+
+    res1 = anatomy_template_files()
+    folder = res1["T1w"].parent
+    names = {"T1w": "T1w", "mask": "desc-brain_mask", "GM": "label-GM_probseg",
+             "WM": "label-WM_probseg"}  # fmt: skip
+    files = {role: folder / _filename(2, entities) for role, entities in names.items()}
+    return files | {"registration_T1w": res1["T1w"], "registration_mask": res1["mask"]}

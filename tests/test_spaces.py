@@ -443,3 +443,15 @@ def test_pvc_acts_only_with_anatomy() -> None:
     assert options.sidecar_record(multidelay=False, anatomy=True)["PartialVolumeCorrection"]
     off = QuantificationOptions(pvc=False)
     assert off.sidecar_record(multidelay=True, anatomy=True)["PartialVolumeCorrection"] is False
+
+
+def test_embedded_space_files_are_the_default_space() -> None:
+    """The QC's own priors (no T1w, no template space) are the default space's files, so the
+    QC table does not depend on the output spaces asked for."""
+    from aslprep_lite.spaces import embedded_space_files
+
+    space = parse_output_spaces(["MNI152NLin2009aSym:res-2"])
+    fetched = check_templates(space)["MNI152NLin2009aSym:res-2"]  # the tests' own home
+    own = embedded_space_files()
+    assert {k: v.name for k, v in own.items()} == {k: v.name for k, v in fetched.items()}
+    assert all(own[k].read_bytes() == fetched[k].read_bytes() for k in own)

@@ -203,7 +203,7 @@ def _connect_qc(workflow, run: AslRun, options: QuantificationOptions, routes: d
     the priors of a template output space); with neither, the stage registers the embedded
     template's priors to the ASL grid itself.
     """
-    from aslprep_lite.spaces import anatomy_template_files
+    from aslprep_lite.spaces import embedded_space_files
     from aslprep_lite.templates import EMBEDDED_TEMPLATE
 
     tissue = routes.get("tissue")
@@ -215,7 +215,7 @@ def _connect_qc(workflow, run: AslRun, options: QuantificationOptions, routes: d
         tissue_source=prior_template_source(EMBEDDED_TEMPLATE) if own_priors else routes["source"],
         prior_template=EMBEDDED_TEMPLATE if own_priors else None,
         prior_files=(
-            {k: str(v) for k, v in anatomy_template_files().items()} if own_priors else None
+            {k: str(v) for k, v in embedded_space_files().items()} if own_priors else None
         ),
         reference_name=name,
         seed=options.seed,
