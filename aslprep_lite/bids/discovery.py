@@ -39,10 +39,6 @@ class Discovery:
     failures: list[tuple[str, str]]
 
 
-def _strip_prefix(label: str, prefix: str) -> str:
-    return label[len(prefix) :] if label.startswith(prefix) else label
-
-
 def load_layout(bids_dir: Path):
     """Index a BIDS dataset with pybids, with a one-line error when it is not one."""
     description = bids_dir / "dataset_description.json"
@@ -78,7 +74,7 @@ def collect_data(
     per subject, as fMRIPrep builds by default).
     """
     filters = bids_filters or {}
-    sessions = [_strip_prefix(s, "ses-") for s in session_label]
+    sessions = [s.removeprefix("ses-") for s in session_label]
     queries = {
         "asl": {
             "datatype": "perf",
@@ -170,7 +166,7 @@ def discover(
     bids_dir = Path(bids_dir).resolve()
     layout = load_layout(bids_dir)
     subjects = sorted(layout.get_subjects())
-    wanted = [_strip_prefix(label, "sub-") for label in participant_label]
+    wanted = [label.removeprefix("sub-") for label in participant_label]
     unknown = sorted(set(wanted) - set(subjects))
     if unknown:
         raise AslprepError(

@@ -33,17 +33,27 @@ def _png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
+#: Panels per row of the distributions figure.
+_COLUMNS_PER_ROW = 5
+
+
 def distributions_png(table: GroupTable) -> bytes:
-    """One panel per screened metric: a box plot and one point per run, outliers in red."""
-    figure = Figure(figsize=(2.6 * len(OUTLIER_METRICS), 4.2))
-    axes = figure.subplots(1, len(OUTLIER_METRICS))
+    """One panel per QC metric, the screened ones first: a box plot and one point per run;
+    runs flagged on a screened metric in red (the other metrics are shown, not screened)."""
+    metrics = [*OUTLIER_METRICS, *(c for c in COLUMNS if c not in OUTLIER_METRICS)]
+    n_rows = math.ceil(len(metrics) / _COLUMNS_PER_ROW)
+    figure = Figure(figsize=(2.6 * _COLUMNS_PER_ROW, 3.6 * n_rows))
+    axes = figure.subplots(n_rows, _COLUMNS_PER_ROW, squeeze=False).ravel()
+    for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
     # a fixed jitter: the same table draws the same picture
     jitter = np.random.default_rng(0).uniform(-0.12, 0.12, size=table.n)
-    for ax, metric in zip(np.atleast_1d(axes), OUTLIER_METRICS, strict=True):
+    for ax, metric in zip(axes, metrics, strict=False):
         values = np.array(
             [math.nan if r.row[metric] is None else float(r.row[metric]) for r in table.runs]
         )
-        flags = table.scores[metric].flags
+        screened = metric in OUTLIER_METRICS
+        flags = table.scores[metric].flags if screened else np.zeros(table.n, bool)
         defined = np.isfinite(values)
         if defined.any():
             ax.boxplot(
@@ -68,7 +78,8 @@ def distributions_png(table: GroupTable) -> bytes:
                 va="center",
             )
         units = COLUMNS[metric]["Units"]
-        ax.set_title(_LABELS[metric], fontsize=10)
+        title = _LABELS.get(metric, metric)
+        ax.set_title(title + ("" if screened else " (not screened)"), fontsize=9)
         ax.set_ylabel(units if units != "1" else "ratio", fontsize=8)
         ax.set_xticks([])
         ax.set_xlim(0.4, 1.8)

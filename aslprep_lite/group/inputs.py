@@ -87,10 +87,6 @@ class GroupInputs:
         return [label for label in self.bids_participants if label not in done]
 
 
-def _strip(label: str, prefix: str) -> str:
-    return label[len(prefix) :] if label.startswith(prefix) else label
-
-
 def _entity(prefix: str, name: str) -> str | None:
     match = re.search(rf"(?:^|_){name}-([A-Za-z0-9]+)", prefix)
     return match.group(1) if match else None
@@ -104,7 +100,7 @@ def bids_participants(bids_dir: Path, sessions: Sequence[str] = ()) -> list[str]
             session = _entity(path.name, "ses")
             if sessions and session not in sessions:
                 continue
-            found.add(_strip(path.parts[len(bids_dir.parts)], "sub-"))
+            found.add(path.parts[len(bids_dir.parts)].removeprefix("sub-"))
     return sorted(found)
 
 
@@ -165,9 +161,9 @@ def collect_inputs(
     AslprepError
         Unknown participant labels, no QC file at all, or a damaged QC table.
     """
-    sessions = [_strip(s, "ses-") for s in session_label]
+    sessions = [s.removeprefix("ses-") for s in session_label]
     participants = bids_participants(bids_dir, sessions)
-    wanted = [_strip(label, "sub-") for label in participant_label]
+    wanted = [label.removeprefix("sub-") for label in participant_label]
     unknown = sorted(set(wanted) - set(participants))
     if unknown:
         raise AslprepError(

@@ -1,9 +1,10 @@
 """``group.html``: the group report, one self-contained page (no script, font or URL).
 
-Sections: a summary; the distribution of each screened metric (figure); the outliers, each
-linking to its participant's report ``sub-<label>.html`` beside this page; the participants
-that failed or have no outputs; the group CBF maps (mosaic); every run's screened metrics.
-Nothing in it depends on the time or the machine, so the same inputs give the same bytes.
+Sections: a summary; the distribution of each QC metric, screened ones first (figure); the
+outliers, each linking to its participant's report ``sub-<label>.html`` beside this page; the
+participants that failed or have no outputs; the group CBF maps (mosaic); every run's
+screened metrics. Nothing in it depends on the time or the machine, so the same inputs give
+the same bytes.
 """
 
 from __future__ import annotations
