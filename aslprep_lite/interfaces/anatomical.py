@@ -47,16 +47,20 @@ def _save(data: np.ndarray, affine: np.ndarray, path: str, dtype=np.float32) -> 
     return os.path.abspath(path)
 
 
-def load_template(files: dict[str, str]) -> anat.Template:
+def load_template(files: dict[str, str], *, priors: bool = True) -> anat.Template:
     """A :class:`~aslprep_lite.quant.anatomy.Template` from its files by role.
 
     The registration image comes from the finest files given (``registration_T1w`` and
     ``registration_mask`` when present, else ``T1w`` and ``mask``); tissue priors from ``GM``,
-    ``WM`` (and ``CSF``), resampled onto that grid when they are on another one.
+    ``WM`` (and ``CSF``), resampled onto that grid when they are on another one. Without
+    ``priors`` (a registration only) they are not read: resampling the res-2 maps onto the res-1
+    grid took 2.5 s of a T1w-free registration's 5.7 s.
     """
     t1w_file = files.get("registration_T1w", files["T1w"])
     t1w, affine = _load(t1w_file)
     mask, _ = _load(files.get("registration_mask", files["mask"]))
+    if not priors:
+        return anat.Template(t1w.astype(np.float32), mask > 0.5, None, np.asarray(affine, float))
 
     def on_grid(role: str) -> np.ndarray | None:
         if role not in files:
@@ -251,7 +255,7 @@ class NormalizeT1w(_NamedFailures):
     def _run(self, runtime):
         t1w, affine = _load(self.inputs.t1w_preproc)
         mask = _load(self.inputs.mask)[0] > 0.5
-        template = load_template(self.inputs.template_files)
+        template = load_template(self.inputs.template_files, priors=False)
         norm = anat.normalize(t1w, affine, template, seed=self.inputs.seed, subject_mask=mask)
         _save_normalization(norm, runtime.cwd, self._results)
         correlation = anat.normalization_correlation(t1w * mask, affine, norm, template)
@@ -307,7 +311,7 @@ class LoadPrecomputedTransforms(SimpleInterface):
     def _run_interface(self, runtime):
         inputs = self.inputs
         t1w, affine = _load(inputs.t1w_preproc)
-        template = load_template(inputs.template_files)
+        template = load_template(inputs.template_files, priors=False)
         # ITK's from-T1w_to-<tpl> maps template points to T1w points, and the inverse file
         # T1w points to template points: evaluated on the grids the pipeline uses.
         try:
@@ -470,7 +474,7 @@ class AlignAslToTemplate(_NamedFailures):
     def _run(self, runtime):
         reference, ref_affine = _load(self.inputs.reference_file)
         asl_mask = _load(self.inputs.asl_mask_file)[0] > 0.5
-        template = load_template(self.inputs.template_files)
+        template = load_template(self.inputs.template_files, priors=False)
         matrix = anat.register_affine(
             template.reg_t1w, template.reg_affine, template.reg_mask,
             np.where(asl_mask, reference, 0), ref_affine, seed=self.inputs.seed,

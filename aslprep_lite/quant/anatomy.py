@@ -63,7 +63,7 @@ class Template:
 
     t1w: NDArray[np.float32]
     mask: NDArray[np.bool_]
-    priors: NDArray[np.float32]  # (3, X, Y, Z): GM, WM, CSF probabilities
+    priors: NDArray[np.float32] | None  # (3, X, Y, Z): GM, WM, CSF; None: registration only
     affine: NDArray[np.float64]
     reg_t1w: NDArray[np.float32] = field(init=False)
     reg_mask: NDArray[np.bool_] = field(init=False)
