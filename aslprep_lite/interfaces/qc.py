@@ -4,7 +4,6 @@ of :mod:`aslprep_lite.quant.qc`."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any
 
@@ -168,18 +167,6 @@ class _QCOutputSpec(TraitedSpec):
     metadata = traits.Dict(desc="its sidecar: every column, the tissue source")
 
 
-def read_confounds(path: str) -> dict[str, np.ndarray]:
-    """The columns of a confounds TSV as float arrays (NaN for ``n/a``)."""
-    with open(path, encoding="utf-8") as fobj:
-        lines = fobj.read().splitlines()
-    header = lines[0].split("\t")
-    values = [
-        [math.nan if v == "n/a" else float(v) for v in line.split("\t")] for line in lines[1:]
-    ]
-    table = np.asarray(values, dtype=np.float64).reshape(len(values), len(header))
-    return {name: table[:, i] for i, name in enumerate(header)}
-
-
 class QualityControl(SimpleInterface):
     """One row of ``desc-qualitycontrol_cbf.tsv`` (:func:`aslprep_lite.quant.qc.qc_row`)."""
 
@@ -199,7 +186,9 @@ class QualityControl(SimpleInterface):
             gm, wm, csf = tissue_classes(load_image(inputs.tissue_file)[0])
         else:  # no tissue maps: the tissue columns are n/a
             gm = wm = csf = np.full(mask.shape, np.nan)
-        confounds = read_confounds(inputs.confounds_file) if given("confounds_file") else {}
+        confounds = (
+            qc_model.read_confounds(inputs.confounds_file) if given("confounds_file") else {}
+        )
         plan = plan_subtraction(inputs.context)
         pairs = sum(1 for label in plan.label if label >= 0)
         coregistration = (given("coregistration") or {}).get("Coregistration")

@@ -77,6 +77,7 @@ __all__ = [
     "qei",
     "qei_components",
     "qei_index",
+    "read_confounds",
     "read_qc_tsv",
     "spatial_cov",
     "write_qc_tsv",
@@ -678,6 +679,18 @@ def write_qc_tsv(rows: Sequence[Mapping[str, Value]], path: str | PathLike[str])
         lines.append("\t".join(_format(name, row[name]) for name in COLUMNS))
     with open(path, "w", encoding="utf-8") as fobj:
         fobj.write("\n".join(lines) + "\n")
+
+
+def read_confounds(path: str | PathLike[str]) -> dict[str, NDArray[np.float64]]:
+    """The columns of a confounds TSV as float arrays (NaN for ``n/a``)."""
+    with open(path, encoding="utf-8") as fobj:
+        lines = fobj.read().splitlines()
+    header = lines[0].split("\t")
+    values = [
+        [math.nan if v == "n/a" else float(v) for v in line.split("\t")] for line in lines[1:]
+    ]
+    table = np.asarray(values, dtype=np.float64).reshape(len(values), len(header))
+    return {name: table[:, i] for i, name in enumerate(header)}
 
 
 def read_qc_tsv(path: str | PathLike[str]) -> list[dict[str, Value]]:

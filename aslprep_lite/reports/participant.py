@@ -87,24 +87,13 @@ def _json(path: Path) -> dict:
 
 
 def _tsv(path: Path) -> dict[str, np.ndarray]:
-    """Columns of a TSV (``n/a`` as NaN); empty when absent or unreadable."""
+    """Columns of a confounds TSV (``n/a`` as NaN); empty when absent or unreadable."""
+    from aslprep_lite.quant.qc import read_confounds
+
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
+        return read_confounds(path)
+    except (OSError, ValueError, IndexError):
         return {}
-    if not lines:
-        return {}
-    header = lines[0].split("\t")
-    rows = [line.split("\t") for line in lines[1:] if line]
-    columns = {}
-    for i, name in enumerate(header):
-        try:
-            columns[name] = np.array(
-                [np.nan if row[i] == "n/a" else float(row[i]) for row in rows], float
-            )
-        except (ValueError, IndexError):
-            continue
-    return columns
 
 
 def _e(value) -> str:
@@ -703,9 +692,8 @@ def run_section(page: Page, status: RunStatus) -> str:
             )
         )
     raw_file = page.bids_dir / status.asl_file
-    context = _tsv_text_column(
-        page.bids_dir / re.sub(r"_asl\.nii(\.gz)?$", "_aslcontext.tsv", status.asl_file),
-        "volume_type",
+    context = _aslcontext(
+        page.bids_dir / re.sub(r"_asl\.nii(\.gz)?$", "_aslcontext.tsv", status.asl_file)
     )
     if mask is not None and raw_file.is_file():
         raw = images.get(raw_file)
@@ -815,12 +803,15 @@ def _removed_volumes(index: np.ndarray, n_volumes: int, context: Sequence[str]):
     return None
 
 
-def _tsv_text_column(path: Path, name: str) -> list[str]:
+def _aslcontext(path: Path) -> list[str]:
+    """The run's volume types, read as discovery reads them; empty when unreadable (the page
+    then draws the carpet plot without them)."""
+    from aslprep_lite.bids.files import read_aslcontext
+    from aslprep_lite.errors import AslprepError
+
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        column = lines[0].split("\t").index(name)
-        return [line.split("\t")[column] for line in lines[1:] if line]
-    except (OSError, ValueError, IndexError):
+        return read_aslcontext(path)
+    except AslprepError:
         return []
 
 
